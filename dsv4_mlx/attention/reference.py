@@ -1,0 +1,145 @@
+"""Pure-MLX reference implementations of the compressed-attention ops.
+
+These define the contracts the GPU kernels in `metal/` implement, run everywhere (the CPU in CI), and
+are what the model uses when no kernel applies. They favour clarity and bounded memory over speed.
+
+Shapes: `B` batch, `S` queries in this call, `H` heads, `d` head dim, `L` window keys, `N` compressed
+entries, `K` selected entries per query. `positions` [S] are the queries' absolute positions (shared by
+all rows of the batch).
+"""
+
+from __future__ import annotations
+
+import mlx.core as mx
+
+# Largest score tensor (elements) the reference indexer builds at once; queries are chunked to fit.
+_INDEXER_CHUNK_ELEMENTS = 1 << 26
+
+
+def visible_entry_count(positions: mx.array, ratio: int) -> mx.array:
+    """Compressed entries a query at position p may see: those whose `ratio` tokens are all <= p."""
+    return (positions + 1) // ratio
+
+
+def window_mask(key_positions: mx.array, positions: mx.array, window: int) -> mx.array:
+    """[S, L] True where key position q satisfies p - window < q <= p (empty slots hold -1)."""
+    q = key_positions[None, :]
+    p = positions[:, None]
+    return (q >= 0) & (q <= p) & (q > p - window)
+
+
+def sparse_attention(q: mx.array, window_kv: mx.array, window_positions: mx.array, window: int,
+                     entries: mx.array | None, selection: mx.array | None, ratio: int,
+                     positions: mx.array, sink: mx.array, scale: float) -> mx.array:
+    """Multi-query attention over the sliding window plus compressed entries, with a sink.
+
+    q [B,S,H,d]; window_kv [B,L,d] (key = value); window_positions [L];
+    entries [B,N,d] or None; selection [B,S,K] int32 entry ids, -1 = unused slot (ratio 4), or None
+    meaning every visible entry (ratio 128). sink [H] is a logit that only joins the denominator.
+    Returns [B,S,H,d] in q's dtype. Scores and softmax are float32.
+    """
+    qf = q.astype(mx.float32).transpose(0, 2, 1, 3)  # [B,H,S,d]
+    keys_w = window_kv.astype(mx.float32)
+    scores = [qf @ keys_w[:, None].swapaxes(-1, -2)]  # [B,H,S,L]
+    masks = [window_mask(window_positions, positions, window)[None, None]]
+    values = None
+    if entries is not None and selection is not None:
+        picked = _gather_entries(entries.astype(mx.float32), selection)  # [B,S,K,d]
+        scores.append((q.astype(mx.float32) @ picked.swapaxes(-1, -2)).transpose(0, 2, 1, 3))  # [B,H,S,K]
+        masks.append((selection >= 0)[:, None])
+        values = picked
+    elif entries is not None:
+        keys_c = entries.astype(mx.float32)
+        scores.append(qf @ keys_c[:, None].swapaxes(-1, -2))  # [B,H,S,N]
+        j = mx.arange(entries.shape[1])
+        masks.append((j[None, :] < visible_entry_count(positions, ratio)[:, None])[None, None])
+        values = keys_c
+    logits = [mx.where(m, s * scale, -mx.inf) for s, m in zip(scores, masks)]
+    B, H, S = qf.shape[:3]
+    logits.append(mx.broadcast_to(sink.astype(mx.float32)[None, :, None, None], (B, H, S, 1)))
+    probs = mx.softmax(mx.concatenate(logits, axis=-1), axis=-1)
+    L = scores[0].shape[-1]
+    out = probs[..., :L] @ keys_w[:, None]  # [B,H,S,d]
+    if values is not None and selection is not None:
+        p_sel = probs[..., L:-1].transpose(0, 2, 1, 3)  # [B,S,H,K]
+        out = out + (p_sel @ values).transpose(0, 2, 1, 3)
+    elif values is not None:
+        out = out + probs[..., L:-1] @ values[:, None]
+    return out.transpose(0, 2, 1, 3).astype(q.dtype)
+
+
+def _gather_entries(entries: mx.array, selection: mx.array) -> mx.array:
+    """entries [B,N,d], selection [B,S,K] -> [B,S,K,d] (unused slots read entry 0 and are masked)."""
+    B, S, K = selection.shape
+    flat = mx.maximum(selection, 0).reshape(B, S * K, 1)
+    return mx.take_along_axis(entries, flat, axis=1).reshape(B, S, K, entries.shape[-1])
+
+
+def indexer_scores(q: mx.array, weights: mx.array, keys: mx.array) -> mx.array:
+    """s[b,s,j] = sum_h weights[b,s,h] * relu(q[b,s,h] . keys[b,j]), in q's dtype.
+
+    q [B,S,Hi,Di] (FP4-rounded), weights [B,S,Hi], keys [B,N,Di] (FP4-rounded).
+    """
+    dots = q @ keys[:, None].swapaxes(-1, -2)  # [B,S,Hi,N]
+    return (mx.maximum(dots, 0) * weights[..., None].astype(dots.dtype)).sum(axis=2)
+
+
+def indexer_topk(q: mx.array, weights: mx.array, keys: mx.array, positions: mx.array,
+                 ratio: int, topk: int) -> mx.array:
+    """The lightning indexer's choice: per query, the `topk` visible entries with the largest score.
+
+    Returns [B,S,min(topk,N)] int32 entry ids; -1 marks slots left empty when fewer are visible.
+    Queries are processed in chunks so the [chunk, Hi, N] score tensor stays bounded.
+    """
+    B, S, Hi, _ = q.shape
+    N = keys.shape[1]
+    k = min(topk, N)
+    chunk = max(1, _INDEXER_CHUNK_ELEMENTS // max(1, B * Hi * N))
+    picks = []
+    for s0 in range(0, S, chunk):
+        s1 = min(S, s0 + chunk)
+        scores = indexer_scores(q[:, s0:s1], weights[:, s0:s1], keys).astype(mx.float32)
+        visible = mx.arange(N)[None, :] < visible_entry_count(positions[s0:s1], ratio)[:, None]
+        scores = mx.where(visible[None], scores, -mx.inf)
+        top = mx.argpartition(-scores, kth=k - 1, axis=-1)[..., :k].astype(mx.int32)
+        limit = visible_entry_count(positions[s0:s1], ratio)[None, :, None]
+        picks.append(mx.where(top < limit, top, -1))
+    return mx.concatenate(picks, axis=1) if len(picks) > 1 else picks[0]
+
+
+def pool_compressed_entries(kv: mx.array, gate: mx.array, start: int, first_entry: int, count: int,
+                            ratio: int, overlap: bool) -> mx.array:
+    """The compressor's softmax pooling for entries `first_entry .. first_entry+count-1`.
+
+    kv, gate [B,T,c*d] float32 hold per-token projections (gate already includes `ape`) of the tokens
+    from position `start` on. Without overlap (ratio 128) entry j pools its own `ratio` tokens per
+    channel. With overlap (ratio 4) it pools 2*ratio scores per channel: the previous block through the
+    first half of the channels and its own block through the second half; entry 0 has no previous block.
+    Returns [B,count,d] float32.
+    """
+    B, _, width = kv.shape
+    first = first_entry * ratio - start
+    cur_kv = kv[:, first:first + count * ratio].reshape(B, count, ratio, width)
+    cur_g = gate[:, first:first + count * ratio].reshape(B, count, ratio, width)
+    if not overlap:
+        return (mx.softmax(cur_g, axis=2) * cur_kv).sum(axis=2)
+    d = width // 2
+    prev_kv, prev_g = _previous_blocks(kv[..., :d], gate[..., :d], first, count, ratio)
+    scores = mx.concatenate([prev_g, cur_g[..., d:]], axis=2)
+    values = mx.concatenate([prev_kv, cur_kv[..., d:]], axis=2)
+    return (mx.softmax(scores, axis=2) * values).sum(axis=2)
+
+
+def _previous_blocks(kv: mx.array, gate: mx.array, first: int, count: int, ratio: int):
+    """The block before each of `count` consecutive blocks starting at token index `first`."""
+    B, _, d = kv.shape
+    if first >= ratio:
+        span = slice(first - ratio, first - ratio + count * ratio)
+        return kv[:, span].reshape(B, count, ratio, d), gate[:, span].reshape(B, count, ratio, d)
+    # Entry 0: no previous block; its scores are -inf so the softmax ignores it.
+    pad_kv = mx.zeros((B, ratio, d), dtype=kv.dtype)
+    pad_g = mx.full((B, ratio, d), -mx.inf, dtype=gate.dtype)
+    span = slice(0, (count - 1) * ratio)
+    kv = mx.concatenate([pad_kv, kv[:, span]], axis=1)
+    gate = mx.concatenate([pad_g, gate[:, span]], axis=1)
+    return kv.reshape(B, count, ratio, d), gate.reshape(B, count, ratio, d)

@@ -1,0 +1,293 @@
+"""The KV memory of one DeepSeek-V4 layer, stored the way the model was trained to see it.
+
+A layer keeps up to four things:
+
+- `WindowRing`: the last `sliding_window` key/value vectors (plus a few more, so that the last tokens
+  can be rolled back), in a ring indexed by `position % capacity`.
+- `Fp8EntryStore`: the compressed entries (ratio 4 or 128). The non-RoPE dims are real FP8
+  (e4m3 bytes + one e8m0 scale per 64); the RoPE dims stay in the activation dtype.
+- `Fp4EntryStore`: the indexer's compressed keys (ratio 4 only) as real FP4 (e2m1 + one e8m0 per 32).
+- `TokenBuffer`: the compressor's projections of tokens whose block is not finished yet (and, for
+  ratio 4, the previous block, whose first half of channels the next entry pools).
+
+The model rounds these vectors to FP8/FP4 before using them, so storing the bytes loses nothing.
+All rows of a batch share positions (equal-length rows).
+"""
+
+from __future__ import annotations
+
+import mlx.core as mx
+from mlx_lm.models.cache import _BaseCache
+
+from ..quant import fp4_decode, fp4_encode, fp8_decode, fp8_encode
+
+FP8_BLOCK = 64
+FP4_BLOCK = 32
+DEFAULT_ROLLBACK = 16  # tokens that can be taken back exactly (speculative decoding drafts are shorter)
+_GROW_STEP = 256  # entries allocated at a time by the growable stores
+
+
+def _grown(array: mx.array | None, needed: int, shape_tail: tuple, batch: int, dtype: mx.Dtype) -> mx.array:
+    """`array` with room for at least `needed` rows on axis 1 (allocated in steps, contents kept)."""
+    have = 0 if array is None else array.shape[1]
+    if needed <= have:
+        return array
+    extra = mx.zeros((batch, max(needed - have, _GROW_STEP), *shape_tail), dtype=dtype)
+    return extra if array is None else mx.concatenate([array, extra], axis=1)
+
+
+class WindowRing:
+    """The sliding-window keys (= values) in a ring buffer, with each slot's absolute position."""
+
+    def __init__(self, window: int, rollback: int):
+        self.window = window
+        self.capacity = window + rollback
+        self.kv: mx.array | None = None  # [B, capacity, d]
+        self.positions = mx.full((self.capacity,), -1, dtype=mx.int32)  # -1: empty slot
+
+    def keys_with(self, kv_new: mx.array, positions: mx.array) -> tuple[mx.array, mx.array]:
+        """The ring's contents before this call followed by the new vectors, with their positions.
+
+        Queries of a long call need keys the call itself will overwrite, hence the concatenation;
+        attention is order-free over keys, so the ring's slot order does not matter.
+        """
+        if self.kv is None:
+            return kv_new, positions
+        return mx.concatenate([self.kv, kv_new], axis=1), mx.concatenate([self.positions, positions])
+
+    def write(self, kv_new: mx.array, positions: mx.array) -> None:
+        if self.kv is None:
+            self.kv = mx.zeros((kv_new.shape[0], self.capacity, kv_new.shape[-1]), dtype=kv_new.dtype)
+        keep = min(kv_new.shape[1], self.capacity)
+        tail_positions = positions[-keep:]
+        slots = tail_positions % self.capacity
+        self.kv[:, slots] = kv_new[:, -keep:]
+        self.positions[slots] = tail_positions
+
+    def forget_from(self, position: int) -> None:
+        self.positions = mx.where(self.positions >= position, -1, self.positions)
+
+    def arrays(self) -> list[mx.array]:
+        return [] if self.kv is None else [self.kv, self.positions]
+
+    def load(self, arrays: list[mx.array]) -> None:
+        if arrays:
+            self.kv, self.positions = arrays
+
+
+class Fp8EntryStore:
+    """Compressed KV entries: FP8 non-RoPE dims (e4m3 + e8m0 per 64), RoPE dims in the activation dtype."""
+
+    def __init__(self, rope_dims: int):
+        self.rope_dims = rope_dims
+        self.count = 0
+        self.codes = self.scales = self.rope = None
+
+    def append(self, entries: mx.array) -> None:
+        """Store `entries` [B, m, d]; their non-RoPE dims must already be FP8-rounded (lossless then)."""
+        batch, m, dims = entries.shape
+        if m == 0:
+            return
+        nope = dims - self.rope_dims
+        codes, scales = fp8_encode(entries[..., :nope], FP8_BLOCK)
+        needed = self.count + m
+        self.codes = _grown(self.codes, needed, (nope,), batch, mx.uint8)
+        self.scales = _grown(self.scales, needed, (nope // FP8_BLOCK,), batch, mx.uint8)
+        self.rope = _grown(self.rope, needed, (self.rope_dims,), batch, entries.dtype)
+        span = slice(self.count, needed)
+        self.codes[:, span] = codes
+        self.scales[:, span] = scales
+        self.rope[:, span] = entries[..., nope:]
+        self.count = needed
+
+    def dequantize(self, dtype: mx.Dtype) -> mx.array | None:
+        """All stored entries as [B, count, d] in `dtype` (the reference path reads them this way)."""
+        if self.count == 0:
+            return None
+        n = self.count
+        nope = fp8_decode(self.codes[:, :n], self.scales[:, :n], dtype)
+        return mx.concatenate([nope, self.rope[:, :n].astype(dtype)], axis=-1)
+
+    def truncate(self, count: int) -> None:
+        self.count = min(self.count, count)
+
+    def arrays(self) -> list[mx.array]:
+        if self.codes is None:
+            return []
+        n = self.count
+        return [self.codes[:, :n], self.scales[:, :n], self.rope[:, :n]]
+
+    def load(self, arrays: list[mx.array]) -> None:
+        if arrays:
+            self.codes, self.scales, self.rope = arrays
+            self.count = self.codes.shape[1]
+
+
+class Fp4EntryStore:
+    """Indexer keys: e2m1 codes (two per byte, low nibble first) + one e8m0 scale per 32 dims."""
+
+    def __init__(self):
+        self.count = 0
+        self.packed = self.scales = None
+
+    def append(self, keys: mx.array) -> None:
+        """Store `keys` [B, m, dims]; they must already be FP4-rounded (lossless then)."""
+        batch, m, dims = keys.shape
+        if m == 0:
+            return
+        packed, scales = fp4_encode(keys, FP4_BLOCK)
+        needed = self.count + m
+        self.packed = _grown(self.packed, needed, (dims // 2,), batch, mx.uint8)
+        self.scales = _grown(self.scales, needed, (dims // FP4_BLOCK,), batch, mx.uint8)
+        self.packed[:, self.count:needed] = packed
+        self.scales[:, self.count:needed] = scales
+        self.count = needed
+
+    def dequantize(self, dtype: mx.Dtype) -> mx.array | None:
+        if self.count == 0:
+            return None
+        return fp4_decode(self.packed[:, :self.count], self.scales[:, :self.count], dtype)
+
+    def truncate(self, count: int) -> None:
+        self.count = min(self.count, count)
+
+    def arrays(self) -> list[mx.array]:
+        return [] if self.packed is None else [self.packed[:, :self.count], self.scales[:, :self.count]]
+
+    def load(self, arrays: list[mx.array]) -> None:
+        if arrays:
+            self.packed, self.scales = arrays
+            self.count = self.packed.shape[1]
+
+
+class TokenBuffer:
+    """Per-token compressor projections (`kv`, `gate`, float32) of the blocks still needed.
+
+    `start` is the absolute position of the first buffered token; the buffer always ends at the
+    layer's current offset.
+    """
+
+    def __init__(self):
+        self.start = 0
+        self.kv = self.gate = None
+
+    def extend(self, kv: mx.array, gate: mx.array) -> tuple[mx.array, mx.array, int]:
+        """Buffered tokens followed by the new ones, and the position of the first."""
+        if self.kv is None:
+            return kv, gate, self.start
+        return mx.concatenate([self.kv, kv], axis=1), mx.concatenate([self.gate, gate], axis=1), self.start
+
+    def keep(self, kv: mx.array, gate: mx.array, start: int, keep_from: int) -> None:
+        """Retain the tokens of `kv`/`gate` (which begin at `start`) from position `keep_from` on."""
+        cut = max(keep_from - start, 0)
+        self.kv, self.gate, self.start = kv[:, cut:], gate[:, cut:], start + cut
+
+    def trim_to(self, end: int) -> None:
+        if self.kv is not None:
+            n = max(end - self.start, 0)
+            self.kv, self.gate = self.kv[:, :n], self.gate[:, :n]
+
+    def arrays(self) -> list[mx.array]:
+        return [] if self.kv is None else [self.kv, self.gate]
+
+    def load(self, arrays: list[mx.array], start: int) -> None:
+        if arrays:
+            self.kv, self.gate = arrays
+        self.start = start
+
+
+class LayerCache(_BaseCache):
+    """Everything one layer remembers, in mlx-lm's cache protocol (state, trim, nbytes, ...)."""
+
+    def __init__(self, *, window: int, compress_ratio: int, rope_dims: int, has_indexer: bool,
+                 rollback: int = DEFAULT_ROLLBACK):
+        self.offset = 0
+        self.compress_ratio = compress_ratio
+        self.rollback = rollback
+        self.window = WindowRing(window, rollback)
+        self.entries = Fp8EntryStore(rope_dims) if compress_ratio else None
+        self.compressor_buffer = TokenBuffer() if compress_ratio else None
+        self.index_keys = Fp4EntryStore() if has_indexer else None
+        self.index_buffer = TokenBuffer() if has_indexer else None
+
+    # --- mlx-lm protocol -------------------------------------------------------------------------
+    def size(self) -> int:
+        return self.offset
+
+    def empty(self) -> bool:
+        return self.offset == 0
+
+    def is_trimmable(self) -> bool:
+        return True
+
+    def trim(self, n: int) -> int:
+        """Take back the last `n` tokens exactly. At most `rollback` tokens can be taken back."""
+        if n <= 0:
+            return 0
+        if n > self.rollback or n > self.offset:
+            raise ValueError(f"cannot roll back {n} tokens: this cache keeps {self.rollback} "
+                             f"(and holds {self.offset}); make the cache with a larger `rollback`")
+        self.offset -= n
+        self.window.forget_from(self.offset)
+        for store in (self.entries, self.index_keys):
+            if store is not None:
+                store.truncate(self.offset // self.compress_ratio)
+        for buffer in (self.compressor_buffer, self.index_buffer):
+            if buffer is not None:
+                buffer.trim_to(self.offset)
+        return n
+
+    def _parts(self) -> list:
+        return [self.window, self.entries, self.compressor_buffer, self.index_keys, self.index_buffer]
+
+    @property
+    def state(self) -> list[mx.array]:
+        return [a for part in self._parts() if part is not None for a in part.arrays()]
+
+    @state.setter
+    def state(self, arrays: list[mx.array]) -> None:
+        counts = getattr(self, "_meta_counts", None)
+        if counts is None:
+            raise ValueError("set `meta_state` before `state`: it says how the arrays split into parts")
+        arrays = list(arrays)
+        for part, count in zip(self._parts(), counts):
+            if part is None:
+                continue
+            taken, arrays = arrays[:count], arrays[count:]
+            if isinstance(part, TokenBuffer):
+                part.load(taken, part.start)
+            else:
+                part.load(taken)
+
+    @property
+    def meta_state(self) -> tuple[str, ...]:
+        counts = [0 if p is None else len(p.arrays()) for p in self._parts()]
+        starts = [0 if b is None else b.start for b in (self.compressor_buffer, self.index_buffer)]
+        return tuple(str(v) for v in (self.offset, self.compress_ratio, self.rollback,
+                                      self.window.window, int(self.index_keys is not None),
+                                      self.entries.rope_dims if self.entries else 0, *counts, *starts))
+
+    @meta_state.setter
+    def meta_state(self, values: tuple[str, ...]) -> None:
+        v = [int(x) for x in values]
+        offset, ratio, rollback, window, has_indexer, rope_dims = v[:6]
+        self.__init__(window=window, compress_ratio=ratio, rope_dims=rope_dims,
+                      has_indexer=bool(has_indexer), rollback=rollback)
+        self.offset = offset
+        self._meta_counts = v[6:11]
+        for buffer, start in zip((self.compressor_buffer, self.index_buffer), v[11:13]):
+            if buffer is not None:
+                buffer.start = start
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes the cache's arrays occupy now (allocated capacity included)."""
+        total = 0
+        for part in self._parts():
+            if part is None:
+                continue
+            for name in ("kv", "positions", "codes", "scales", "rope", "packed", "gate"):
+                array = getattr(part, name, None)
+                if isinstance(array, mx.array):
+                    total += array.nbytes
+        return total

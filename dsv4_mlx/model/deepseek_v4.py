@@ -1,0 +1,487 @@
+"""DeepSeek-V4 (Flash / Pro) in MLX, following DeepSeek's reference forward pass.
+
+Module names follow the paper and the checkpoint: mHC hyper-connections (`HyperConnection`), MQA
+attention with a sliding window and compressed memory (`Attention`, `Compressor`, `Indexer`), the MoE
+with hash or score routing (`MoE`), and the multi-token-prediction block (`MTPBlock`).
+
+Weights stay in their published precision: FP8 linears are MLX `mxfp8` layers and FP4 experts `mxfp4`
+(see `sanitize`). Activations run in the dtype chosen at load (bfloat16, or float32 for exact checks);
+the parts the reference keeps in float32 (norms, mixers, router, compressor, RoPE, scores) do here too.
+
+The MTP block: `model.mtp_logits(hidden, next_ids, mtp_cache)` with `hidden` from
+`model.hidden_states(ids, cache)` and `mtp_cache = model.make_mtp_cache()`.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx_lm.models.switch_layers import QuantizedSwitchLinear
+
+from ..attention import reference as ops
+from ..attention.rope import apply_rope, rope_frequencies
+from ..cache import DEFAULT_ROLLBACK, LayerCache
+from ..quant import fp4_round, fp8_round
+from .args import ModelArgs
+
+MX_GROUP = 32  # MX formats: one e8m0 scale per 32 values
+FP8_WEIGHT_BLOCK = 128  # the checkpoint's FP8 weights: one scale per 128x128 tile
+
+
+def fp8_linear(in_dims: int, out_dims: int) -> nn.QuantizedLinear:
+    """A linear whose weight is the checkpoint's FP8 tensor, held bit-exact as MLX mxfp8."""
+    return nn.QuantizedLinear(in_dims, out_dims, bias=False, group_size=MX_GROUP, bits=8, mode="mxfp8")
+
+
+def float32_linear(x: mx.array, weight: mx.array) -> mx.array:
+    """x @ weight.T computed in float32 (the reference keeps these projections in float32)."""
+    return x.astype(mx.float32) @ weight.astype(mx.float32).T
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dims: int, eps: float):
+        super().__init__()
+        self.weight = mx.ones((dims,))
+        self.eps = eps
+
+    def __call__(self, x: mx.array) -> mx.array:
+        return mx.fast.rms_norm(x, self.weight.astype(x.dtype), self.eps)
+
+
+def _mix_logits(x: mx.array, fn: mx.array, eps: float) -> mx.array:
+    """The mHC mixer: x [B,S,hc,D] flattened, projected by fn, RMS-normalised (float32)."""
+    flat = x.reshape(*x.shape[:-2], -1).astype(mx.float32)
+    return (flat @ fn.T) * mx.rsqrt(mx.mean(flat * flat, axis=-1, keepdims=True) + eps)
+
+
+def _collapse(x: mx.array, weights: mx.array) -> mx.array:
+    """sum_i weights[i] * x[i] over the hc streams, in float32, back in x's dtype."""
+    return (weights[..., None] * x.astype(mx.float32)).sum(axis=-2).astype(x.dtype)
+
+
+def sinkhorn(comb: mx.array, iters: int, eps: float) -> mx.array:
+    """Row-softmax, then alternate column/row normalisation (columns first and last)."""
+    comb = mx.softmax(comb, axis=-1) + eps
+    comb = comb / (comb.sum(axis=-2, keepdims=True) + eps)
+    for _ in range(iters - 1):
+        comb = comb / (comb.sum(axis=-1, keepdims=True) + eps)
+        comb = comb / (comb.sum(axis=-2, keepdims=True) + eps)
+    return comb
+
+
+class HyperConnection(nn.Module):
+    """mHC around one sub-layer: collapse the hc streams into its input, then mix its output back."""
+
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        hc = args.hc_mult
+        self.fn = mx.zeros(((2 + hc) * hc, hc * args.hidden_size), dtype=mx.float32)
+        self.base = mx.zeros(((2 + hc) * hc,), dtype=mx.float32)
+        self.scale = mx.zeros((3,), dtype=mx.float32)
+        self.hc, self.iters, self.hc_eps, self.norm_eps = hc, args.hc_sinkhorn_iters, args.hc_eps, args.rms_norm_eps
+
+    def pre(self, x: mx.array) -> tuple[mx.array, mx.array, mx.array]:
+        """Returns (sub-layer input [B,S,D], post weights [B,S,hc], comb [B,S,hc,hc] from i to j)."""
+        hc = self.hc
+        mixes = _mix_logits(x, self.fn, self.norm_eps)
+        pre = mx.sigmoid(mixes[..., :hc] * self.scale[0] + self.base[:hc]) + self.hc_eps
+        post = 2 * mx.sigmoid(mixes[..., hc:2 * hc] * self.scale[1] + self.base[hc:2 * hc])
+        comb = mixes[..., 2 * hc:] * self.scale[2] + self.base[2 * hc:]
+        comb = sinkhorn(comb.reshape(*comb.shape[:-1], hc, hc), self.iters, self.hc_eps)
+        return _collapse(x, pre), post, comb
+
+    def post(self, out: mx.array, x: mx.array, post: mx.array, comb: mx.array) -> mx.array:
+        """new[j] = post[j] * out + sum_i comb[i, j] * x[i]."""
+        mixed = comb.swapaxes(-1, -2) @ x.astype(mx.float32)
+        return (post[..., None] * out[..., None, :].astype(mx.float32) + mixed).astype(x.dtype)
+
+
+class HeadCollapse(nn.Module):
+    """hc_head: the same mixer as mHC, reduced to the pre weights (no Sinkhorn)."""
+
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        hc = args.hc_mult
+        self.fn = mx.zeros((hc, hc * args.hidden_size), dtype=mx.float32)
+        self.base = mx.zeros((hc,), dtype=mx.float32)
+        self.scale = mx.zeros((1,), dtype=mx.float32)
+        self.hc_eps, self.norm_eps = args.hc_eps, args.rms_norm_eps
+
+    def __call__(self, x: mx.array) -> mx.array:
+        mixes = _mix_logits(x, self.fn, self.norm_eps)
+        return _collapse(x, mx.sigmoid(mixes * self.scale[0] + self.base) + self.hc_eps)
+
+
+class Compressor(nn.Module):
+    """Pools every `ratio` tokens into one entry (ratio 4 pools overlapping pairs of blocks).
+
+    Emits an entry only once all its tokens have been seen; the partial block (and the previous
+    block, for ratio 4) waits in the layer cache's `TokenBuffer`.
+    """
+
+    def __init__(self, args: ModelArgs, ratio: int, dims: int, freqs: mx.array):
+        super().__init__()
+        self.ratio, self.dims, self.overlap = ratio, dims, ratio == 4
+        width = (2 if self.overlap else 1) * dims
+        self.wkv = nn.Linear(args.hidden_size, width, bias=False)
+        self.wgate = nn.Linear(args.hidden_size, width, bias=False)
+        self.ape = mx.zeros((ratio, width), dtype=mx.float32)
+        self.norm = RMSNorm(dims, args.rms_norm_eps)
+        self._freqs = freqs
+
+    def __call__(self, x: mx.array, positions: mx.array, buffer, rollback: int) -> mx.array | None:
+        """New complete entries [B,n,dims] (normalised and rotated, not yet rounded), or None."""
+        kv = float32_linear(x, self.wkv.weight)
+        gate = float32_linear(x, self.wgate.weight) + self.ape[positions % self.ratio]
+        kv, gate, start = buffer.extend(kv, gate)
+        end = start + kv.shape[1]
+        first, last = (end - x.shape[1]) // self.ratio, end // self.ratio
+        r, blocks_kept = self.ratio, 2 if self.overlap else 1
+        entries = None
+        if last > first:
+            pooled = ops.pool_compressed_entries(kv, gate, start, first, last - first, r, self.overlap)
+            entries = self.norm(pooled.astype(x.dtype))
+            entries = apply_rope(entries, mx.arange(first, last) * r, self._freqs)
+        buffer.keep(kv, gate, start, keep_from=max(0, ((end - rollback) // r - (blocks_kept - 1)) * r))
+        return entries
+
+
+class Indexer(nn.Module):
+    """The lightning indexer: scores every visible compressed entry, keeps the top `index_topk`."""
+
+    def __init__(self, args: ModelArgs, freqs: mx.array):
+        super().__init__()
+        self.heads, self.dims, self.topk = args.index_n_heads, args.index_head_dim, args.index_topk
+        self.wq_b = fp8_linear(args.q_lora_rank, self.heads * self.dims)
+        self.weights_proj = nn.Linear(args.hidden_size, self.heads, bias=False)
+        self.compressor = Compressor(args, 4, self.dims, freqs)
+        self._freqs = freqs
+
+    def rotate(self, v: mx.array) -> mx.array:
+        return mx.hadamard_transform(v, scale=1.0 / math.sqrt(self.dims))
+
+    def __call__(self, x: mx.array, qr: mx.array, positions: mx.array, cache: LayerCache) -> mx.array | None:
+        keys = self.compressor(x, positions, cache.index_buffer, cache.rollback)
+        if keys is not None:
+            cache.index_keys.append(self.rotate(keys))  # the FP4 store is the rounding
+        stored = cache.index_keys.dequantize(x.dtype)
+        if stored is None:
+            return None
+        B, S, _ = x.shape
+        q = self.wq_b(qr).reshape(B, S, self.heads, self.dims)
+        q = fp4_round(self.rotate(apply_rope(q, positions, self._freqs)))
+        weights = float32_linear(x, self.weights_proj.weight) * (self.dims ** -0.5 * self.heads ** -0.5)
+        return ops.indexer_topk(q, weights.astype(q.dtype), stored, positions, 4, self.topk)
+
+
+class GroupedOutput(nn.Module):
+    """wo_a: one low-rank projection per head group, all groups in a single gathered matmul."""
+
+    def __init__(self, groups: int, in_dims: int, rank: int):
+        super().__init__()
+        self.proj = QuantizedSwitchLinear(in_dims, rank, groups, bias=False, group_size=MX_GROUP, bits=8,
+                                          mode="mxfp8")
+        self.groups = groups
+
+    def __call__(self, o: mx.array) -> mx.array:
+        """o [B,S,groups,in] -> [B,S,groups*rank]."""
+        out = self.proj(o[..., None, :], mx.arange(self.groups))
+        return out.reshape(*o.shape[:-2], -1)
+
+
+class Attention(nn.Module):
+    """MQA: one shared key/value vector per token, a sliding window, and (ratio > 0) compressed memory."""
+
+    def __init__(self, args: ModelArgs, layer_id: int):
+        super().__init__()
+        self.ratio = args.compress_ratio(layer_id)
+        self.heads, self.head_dim, self.rope_dims = args.num_attention_heads, args.head_dim, args.qk_rope_head_dim
+        self.window, self.eps = args.sliding_window, args.rms_norm_eps
+        hd = self.heads * self.head_dim
+        self.wq_a = fp8_linear(args.hidden_size, args.q_lora_rank)
+        self.q_norm = RMSNorm(args.q_lora_rank, args.rms_norm_eps)
+        self.wq_b = fp8_linear(args.q_lora_rank, hd)
+        self.wkv = fp8_linear(args.hidden_size, self.head_dim)
+        self.kv_norm = RMSNorm(self.head_dim, args.rms_norm_eps)
+        self.wo_a = GroupedOutput(args.o_groups, hd // args.o_groups, args.o_lora_rank)
+        self.wo_b = fp8_linear(args.o_groups * args.o_lora_rank, args.hidden_size)
+        self.attn_sink = mx.zeros((self.heads,), dtype=mx.float32)
+        if self.ratio:
+            self._freqs = rope_frequencies(self.rope_dims, args.compress_rope_theta, args.rope_scaling)
+            self.compressor = Compressor(args, self.ratio, self.head_dim, self._freqs)
+        else:
+            self._freqs = rope_frequencies(self.rope_dims, args.rope_theta)
+        if self.ratio == 4:
+            self.indexer = Indexer(args, self._freqs)
+
+    def __call__(self, x: mx.array, positions: mx.array, cache: LayerCache) -> mx.array:
+        B, S, _ = x.shape
+        qr = self.q_norm(self.wq_a(x))
+        q = self.wq_b(qr).reshape(B, S, self.heads, self.head_dim)
+        qf = q.astype(mx.float32)
+        q = (qf * mx.rsqrt(mx.mean(qf * qf, axis=-1, keepdims=True) + self.eps)).astype(q.dtype)
+        q = apply_rope(q, positions, self._freqs)
+        kv = apply_rope(self.kv_norm(self.wkv(x)), positions, self._freqs)
+        nope = self.head_dim - self.rope_dims
+        kv = mx.concatenate([fp8_round(kv[..., :nope], 64), kv[..., nope:]], axis=-1)
+        window_kv, window_positions = cache.window.keys_with(kv, positions)
+        cache.window.write(kv, positions)
+
+        entries = selection = None
+        if self.ratio:
+            new = self.compressor(x, positions, cache.compressor_buffer, cache.rollback)
+            if new is not None:
+                cache.entries.append(new)  # the FP8 store is the rounding
+            entries = cache.entries.dequantize(x.dtype)
+            if self.ratio == 4:  # always run: its compressor must see every token
+                selection = self.indexer(x, qr, positions, cache)
+        cache.offset += S
+
+        o = ops.sparse_attention(q, window_kv, window_positions, self.window, entries, selection, self.ratio,
+                                 positions, self.attn_sink, self.head_dim ** -0.5)
+        o = apply_rope(o, positions, self._freqs, inverse=True)
+        o = self.wo_a(o.reshape(B, S, self.wo_a.groups, -1))
+        return self.wo_b(o)
+
+
+def clamped_swiglu(gate: mx.array, up: mx.array, limit: float) -> mx.array:
+    """silu(min(gate, limit)) * clamp(up, -limit, limit), in float32 (limit 0 disables clamping)."""
+    gate, up = gate.astype(mx.float32), up.astype(mx.float32)
+    if limit > 0:
+        gate, up = mx.minimum(gate, limit), mx.clip(up, -limit, limit)
+    return nn.silu(gate) * up
+
+
+class SharedExpert(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        inter = args.moe_intermediate_size * args.n_shared_experts
+        self.w1 = fp8_linear(args.hidden_size, inter)
+        self.w2 = fp8_linear(inter, args.hidden_size)
+        self.w3 = fp8_linear(args.hidden_size, inter)
+        self.limit = args.swiglu_limit
+
+    def __call__(self, x: mx.array) -> mx.array:
+        return self.w2(clamped_swiglu(self.w1(x), self.w3(x), self.limit).astype(x.dtype))
+
+
+class RoutedExperts(nn.Module):
+    """The routed experts, stacked per projection for `gather_qmm` (FP4 as mxfp4, FP8 as mxfp8)."""
+
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        bits, mode = (4, "mxfp4") if args.expert_dtype == "fp4" else (8, "mxfp8")
+        n, d, inter = args.n_routed_experts, args.hidden_size, args.moe_intermediate_size
+        kw = dict(bias=False, group_size=MX_GROUP, bits=bits, mode=mode)
+        self.w1 = QuantizedSwitchLinear(d, inter, n, **kw)
+        self.w2 = QuantizedSwitchLinear(inter, d, n, **kw)
+        self.w3 = QuantizedSwitchLinear(d, inter, n, **kw)
+        self.limit = args.swiglu_limit
+
+    def __call__(self, x: mx.array, indices: mx.array, weights: mx.array) -> mx.array:
+        """x [B,S,D], indices/weights [B,S,k] -> sum_k weights_k * expert_k(x), weight applied before w2."""
+        k = indices.shape[-1]
+        # Sorting tokens by expert makes gather_qmm read each expert's weights once (long prefills).
+        do_sort = indices.size >= 64
+        xe = mx.expand_dims(x, (-2, -3))  # [B,S,1,1,D]
+        idx, w = indices, weights
+        if do_sort:
+            xe, idx, w, inverse = _sort_by_expert(xe, indices, weights)
+        h = clamped_swiglu(self.w1(xe, idx, sorted_indices=do_sort), self.w3(xe, idx, sorted_indices=do_sort),
+                           self.limit)
+        h = (h * w[..., None, None].astype(mx.float32)).astype(x.dtype)
+        out = self.w2(h, idx, sorted_indices=do_sort)
+        if do_sort:
+            out = out[inverse].reshape(*indices.shape, 1, -1)
+        return out.squeeze(-2).sum(axis=-2)
+
+
+def _sort_by_expert(x: mx.array, indices: mx.array, weights: mx.array):
+    k = indices.shape[-1]
+    flat = indices.flatten()
+    order = mx.argsort(flat)
+    inverse = mx.argsort(order)
+    x = x.reshape(-1, 1, x.shape[-1])[order // k]
+    return x, flat[order], weights.flatten()[order], inverse
+
+
+class Gate(nn.Module):
+    """sqrtsoftplus router; hash layers look the experts up from the token id instead."""
+
+    def __init__(self, args: ModelArgs, hashed: bool):
+        super().__init__()
+        self.weight = mx.zeros((args.n_routed_experts, args.hidden_size))
+        if hashed:
+            self.tid2eid = mx.zeros((args.vocab_size, args.num_experts_per_tok), dtype=mx.int32)
+        else:
+            self.bias = mx.zeros((args.n_routed_experts,), dtype=mx.float32)
+        self.hashed, self.k, self.route_scale = hashed, args.num_experts_per_tok, args.routed_scaling_factor
+
+    def __call__(self, x: mx.array, ids: mx.array) -> tuple[mx.array, mx.array]:
+        scores = mx.sqrt(nn.softplus(float32_linear(x, self.weight)))
+        if self.hashed:
+            indices = self.tid2eid[ids]
+        else:
+            # The bias only picks the experts; the weights come from the unbiased scores.
+            indices = mx.argpartition(-(scores + self.bias), kth=self.k - 1, axis=-1)[..., :self.k]
+        picked = mx.take_along_axis(scores, indices, axis=-1)
+        return indices, picked / picked.sum(axis=-1, keepdims=True) * self.route_scale
+
+
+class MoE(nn.Module):
+    def __init__(self, args: ModelArgs, layer_id: int):
+        super().__init__()
+        self.gate = Gate(args, hashed=layer_id < args.num_hash_layers)
+        self.experts = RoutedExperts(args)
+        self.shared_experts = SharedExpert(args)
+
+    def __call__(self, x: mx.array, ids: mx.array) -> mx.array:
+        indices, weights = self.gate(x, ids)
+        return self.experts(x, indices, weights) + self.shared_experts(x)
+
+
+class Block(nn.Module):
+    def __init__(self, args: ModelArgs, layer_id: int):
+        super().__init__()
+        self.attn_norm = RMSNorm(args.hidden_size, args.rms_norm_eps)
+        self.attn = Attention(args, layer_id)
+        self.ffn_norm = RMSNorm(args.hidden_size, args.rms_norm_eps)
+        self.ffn = MoE(args, layer_id)
+        self.hc_attn = HyperConnection(args)
+        self.hc_ffn = HyperConnection(args)
+
+    def __call__(self, h: mx.array, ids: mx.array, positions: mx.array, cache: LayerCache) -> mx.array:
+        y, post, comb = self.hc_attn.pre(h)
+        h = self.hc_attn.post(self.attn(self.attn_norm(y), positions, cache), h, post, comb)
+        y, post, comb = self.hc_ffn.pre(h)
+        return self.hc_ffn.post(self.ffn(self.ffn_norm(y), ids), h, post, comb)
+
+
+class MTPBlock(Block):
+    """Predicts token i+2 from the final hidden streams at i and the embedding of token i+1."""
+
+    def __init__(self, args: ModelArgs, layer_id: int):
+        super().__init__(args, layer_id)
+        self.e_proj = fp8_linear(args.hidden_size, args.hidden_size)
+        self.h_proj = fp8_linear(args.hidden_size, args.hidden_size)
+        self.enorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
+        self.hnorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
+        self.norm = RMSNorm(args.hidden_size, args.rms_norm_eps)
+        self.hc_head = HeadCollapse(args)
+
+    def predict(self, hidden: mx.array, next_embedding: mx.array, ids: mx.array, positions: mx.array,
+                cache: LayerCache) -> mx.array:
+        """Final-normed hidden [B,S,D] whose head projection gives the logits of token i+2."""
+        z = self.e_proj(self.enorm(next_embedding))[..., None, :] + self.h_proj(self.hnorm(hidden))
+        z = self(z, ids, positions, cache)
+        return self.norm(self.hc_head(z))
+
+
+class Model(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.args = args
+        self.model_type = args.model_type
+        self.embed = nn.Embedding(args.vocab_size, args.hidden_size)
+        self.layers = [Block(args, i) for i in range(args.num_hidden_layers)]
+        self.norm = RMSNorm(args.hidden_size, args.rms_norm_eps)
+        self.hc_head = HeadCollapse(args)
+        self.head = nn.Linear(args.hidden_size, args.vocab_size, bias=False)
+        self.mtp = [MTPBlock(args, args.num_hidden_layers + i) for i in range(args.num_nextn_predict_layers)]
+
+    # --- forward --------------------------------------------------------------------------------
+    def __call__(self, inputs: mx.array, cache: list[LayerCache] | None = None,
+                 input_embeddings: mx.array | None = None) -> mx.array:
+        """Float32 logits [B,S,vocab] for every position of `inputs` [B,S]."""
+        return self.logits(self.hidden_states(inputs, cache, input_embeddings))
+
+    def hidden_states(self, inputs: mx.array, cache: list[LayerCache] | None = None,
+                      input_embeddings: mx.array | None = None,
+                      layer_outputs: list | None = None) -> mx.array:
+        """The final hc streams [B,S,hc,D]; `layer_outputs`, if given, collects each block's output."""
+        if cache is None:
+            cache = self.make_cache()
+        positions = self._positions(cache[0], inputs.shape[1])
+        h = self.embed(inputs) if input_embeddings is None else input_embeddings
+        h = mx.broadcast_to(h[..., None, :], (*h.shape[:2], self.args.hc_mult, h.shape[-1]))
+        for layer, layer_cache in zip(self.layers, cache):
+            h = layer(h, inputs, positions, layer_cache)
+            if layer_outputs is not None:
+                layer_outputs.append(h)
+        return h
+
+    def logits(self, hidden: mx.array) -> mx.array:
+        return self.head(self.norm(self.hc_head(hidden))).astype(mx.float32)
+
+    def mtp_logits(self, hidden: mx.array, next_ids: mx.array, cache: LayerCache, depth: int = 0) -> mx.array:
+        """Logits of token i+2 for each position i, from `hidden` (final streams) and ids of tokens i+1."""
+        positions = self._positions(cache, next_ids.shape[1])
+        block = self.mtp[depth]
+        return self.head(block.predict(hidden, self.embed(next_ids), next_ids, positions, cache)).astype(mx.float32)
+
+    @staticmethod
+    def _positions(cache: LayerCache, length: int) -> mx.array:
+        return mx.arange(cache.offset, cache.offset + length, dtype=mx.int32)
+
+    # --- caches ---------------------------------------------------------------------------------
+    def _layer_cache(self, layer_id: int, rollback: int) -> LayerCache:
+        ratio = self.args.compress_ratio(layer_id)
+        return LayerCache(window=self.args.sliding_window, compress_ratio=ratio,
+                          rope_dims=self.args.qk_rope_head_dim, has_indexer=ratio == 4, rollback=rollback)
+
+    def make_cache(self, rollback: int = DEFAULT_ROLLBACK) -> list[LayerCache]:
+        """One cache per layer (mlx-lm's `make_prompt_cache` calls this)."""
+        return [self._layer_cache(i, rollback) for i in range(self.args.num_hidden_layers)]
+
+    def make_mtp_cache(self, depth: int = 0, rollback: int = DEFAULT_ROLLBACK) -> LayerCache:
+        return self._layer_cache(self.args.num_hidden_layers + depth, rollback)
+
+    # --- checkpoint -----------------------------------------------------------------------------
+    def sanitize(self, weights: dict[str, mx.array]) -> dict[str, mx.array]:
+        """Hub names and formats -> this module tree, without changing a bit of any weight.
+
+        FP8 (e4m3 bytes + 128x128 e8m0 tiles) become mxfp8 (bytes viewed as uint32, the tile scale
+        repeated per 32 columns); FP4 experts (int8, low nibble first, e8m0 per 32) are already
+        mxfp4; experts are stacked per projection; `hc_*_fn|base|scale` become `hc_*.fn|base|scale`.
+        """
+        out: dict[str, mx.array] = {}
+        experts: dict[tuple[str, str], dict[int, tuple[mx.array, mx.array]]] = {}
+        for name, value in weights.items():
+            if _is_ignored(name) or name.endswith(".scale"):  # FP8/FP4 scales travel with their weight
+                continue
+            stem = name[: -len(".weight")] if name.endswith(".weight") else None
+            scale = weights.get(f"{stem}.scale") if stem else None
+            match = re.match(r"(.*\.ffn\.experts)\.(\d+)\.(w[123])\.weight$", name)
+            if match:
+                experts.setdefault((match[1], match[3]), {})[int(match[2])] = _mx_weight(value, scale)
+            elif scale is not None:
+                weight, scales = _mx_weight(value, scale)
+                if stem.endswith(".attn.wo_a"):
+                    stem += ".proj"
+                    weight, scales = (a.reshape(self.args.o_groups, -1, a.shape[-1]) for a in (weight, scales))
+                out[f"{stem}.weight"], out[f"{stem}.scales"] = weight, scales
+            else:
+                out[re.sub(r"(^|\.)(hc_(?:attn|ffn|head))_(fn|base|scale)$", r"\1\2.\3", name)] = value
+        for (prefix, proj), by_expert in experts.items():
+            ordered = [by_expert[e] for e in sorted(by_expert)]
+            out[f"{prefix}.{proj}.weight"] = mx.stack([w for w, _ in ordered])
+            out[f"{prefix}.{proj}.scales"] = mx.stack([s for _, s in ordered])
+        return out
+
+
+def _is_ignored(name: str) -> bool:
+    """MTP copies of the embedding / head: the model's own are used."""
+    return re.match(r"mtp\.\d+\.(emb|embed)\b", name) is not None or re.match(r"mtp\.\d+\.head\.weight$", name) \
+        is not None
+
+
+def _mx_weight(weight: mx.array, scale: mx.array) -> tuple[mx.array, mx.array]:
+    """(packed uint32 weight, uint8 per-32 scales) in MLX's MX layout, bit-identical to the Hub bytes."""
+    if weight.dtype == mx.int8:  # FP4: [out, in/2] bytes, scales already per 32 inputs
+        return weight.view(mx.uint8).view(mx.uint32), scale
+    out_dims, in_dims = weight.shape  # FP8: scales per 128x128 tile -> per row, per 32 inputs
+    scales = mx.repeat(mx.repeat(scale, FP8_WEIGHT_BLOCK, axis=0)[:out_dims], FP8_WEIGHT_BLOCK // MX_GROUP, axis=1)
+    return weight.view(mx.uint32), scales[:, : in_dims // MX_GROUP]
