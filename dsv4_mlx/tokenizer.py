@@ -21,9 +21,10 @@ from __future__ import annotations
 
 import codecs
 import json
+from collections.abc import Mapping, Sequence
 from functools import lru_cache
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Mapping, Sequence
+from typing import TYPE_CHECKING, Any
 
 from tokenizers import Tokenizer
 
@@ -105,7 +106,7 @@ class StreamingDetokenizer:
     @property
     def last_segment(self) -> str:
         """Text completed since the previous access."""
-        segment = self.text[self.offset:]
+        segment = self.text[self.offset :]
         self.offset = len(self.text)
         return segment
 
@@ -202,7 +203,7 @@ class DSV4Tokenizer:
         return self.encode(encode_generation_prompt(messages, **options))
 
     # -- mlx-lm ------------------------------------------------------------------------------
-    def to_mlx(self) -> "TokenizerWrapper":
+    def to_mlx(self) -> TokenizerWrapper:
         """An ``mlx_lm.tokenizer_utils.TokenizerWrapper`` over the same vocabulary, with this
         module's detokenizer, EOS id and DeepSeek-V4 chat template (:func:`mlx_chat_template`).
 

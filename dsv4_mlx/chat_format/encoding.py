@@ -14,7 +14,8 @@ from __future__ import annotations
 
 import copy
 import json
-from typing import Any, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
 
 # --------------------------------------------------------------------------------------------
 # Special strings. Each one is a single token of the V4 tokenizer (tests/test_tokenizer.py).
@@ -40,7 +41,14 @@ TASK_TOKENS: dict[str, str] = {
 # Every special string of the format, for tokenizer checks and for callers that must escape
 # or detect them in user text.
 SPECIAL_TOKENS: tuple[str, ...] = (
-    BOS, EOS, USER, ASSISTANT, LATEST_REMINDER, THINK_START, THINK_END, DSML,
+    BOS,
+    EOS,
+    USER,
+    ASSISTANT,
+    LATEST_REMINDER,
+    THINK_START,
+    THINK_END,
+    DSML,
     *TASK_TOKENS.values(),
 )
 
@@ -142,7 +150,8 @@ def encode_messages(
 
     Returns:
         The prompt. When the last message is a user/developer/tool message, it already ends with
-        the prefix the model continues from (``<｜Assistant｜><think>`` or ``<｜Assistant｜></think>``).
+        the prefix the model continues from: ``<｜Assistant｜><think>`` (thinking) or
+        ``<｜Assistant｜></think>`` (chat).
 
     Raises:
         ValueError: on an unknown role, a malformed tool call, an invalid option, etc.
@@ -257,9 +266,7 @@ def _validate_message(message: Any, where: str) -> None:
         if content is not None and not isinstance(content, (str, list)):
             raise ValueError(f"{where}: tool content must be a string or a list of parts")
     elif content is not None and not isinstance(content, str):
-        raise ValueError(
-            f"{where}: {role} content must be a string (got {type(content).__name__})"
-        )
+        raise ValueError(f"{where}: {role} content must be a string (got {type(content).__name__})")
     if role == "developer" and not content:
         raise ValueError(f"{where}: a developer message needs non-empty content")
     if role == "latest_reminder" and content is None:
@@ -382,7 +389,7 @@ def _sort_blocks(blocks: list[dict[str, Any]], call_order: Mapping[str, int]) ->
     ordered = sorted(
         (blocks[i] for i in slots), key=lambda block: call_order.get(block["tool_call_id"], 0)
     )
-    for slot, block in zip(slots, ordered):
+    for slot, block in zip(slots, ordered, strict=True):
         blocks[slot] = block
 
 

@@ -3,7 +3,9 @@
 A completion is the text generated after ``<｜Assistant｜><think>`` (thinking mode) or
 ``<｜Assistant｜></think>`` (chat mode)::
 
-    [reasoning "</think>"] content ["\\n\\n<｜DSML｜tool_calls>\\n" invokes "\\n</｜DSML｜tool_calls>"] [EOS]
+    [reasoning "</think>"] content [tool-call block] [EOS]
+    tool-call block = "\\n\\n<｜DSML｜tool_calls>\\n" invoke ("\\n" invoke)*
+                      "\\n</｜DSML｜tool_calls>"
 
 Two entry points share the grammar of the tool-call block (:class:`_ToolBlockParser`):
 
@@ -25,7 +27,7 @@ from __future__ import annotations
 import json
 import re
 from dataclasses import dataclass
-from typing import Any, Union
+from typing import Any
 
 from .encoding import (
     BOS,
@@ -79,7 +81,7 @@ class ParseError:
     message: str
 
 
-StreamEvent = Union[ReasoningDelta, ContentDelta, ToolCall, ParseError]
+StreamEvent = ReasoningDelta | ContentDelta | ToolCall | ParseError
 
 # Special strings that may not appear inside reasoning or content (other special tokens, such
 # as task tokens, pass through as text, as in the reference parser).
@@ -131,7 +133,7 @@ def parse_message(text: str, thinking_mode: str) -> dict[str, Any]:
     if marker == EOS and end + len(EOS) != len(text):
         raise MalformedCompletionError("text after the end-of-sentence token")
     if marker == TOOL_CALLS_START:
-        tool_calls = _parse_tool_block(text[end + len(TOOL_CALLS_START):])
+        tool_calls = _parse_tool_block(text[end + len(TOOL_CALLS_START) :])
     return _message(content, reasoning, tool_calls)
 
 
@@ -214,6 +216,9 @@ class _ToolBlockParser:
         self._state = _OPEN
         self._name = ""
         self._arguments: dict[str, tuple[str, bool]] = {}
+        # Where the search for the end of a parameter value resumes, so that a long value
+        # streamed in many deltas is scanned once rather than once per delta.
+        self._value_searched = 0
 
     @property
     def closed(self) -> bool:
@@ -246,7 +251,7 @@ class _ToolBlockParser:
     def _read_literal(self) -> bool:
         for literal, next_state in _LITERALS[self._state].items():
             if self._buffer.startswith(literal):
-                self._buffer = self._buffer[len(literal):]
+                self._buffer = self._buffer[len(literal) :]
                 self._state = next_state
                 return True
         if any(literal.startswith(self._buffer) for literal in _LITERALS[self._state]):
@@ -271,9 +276,11 @@ class _ToolBlockParser:
         return True
 
     def _read_parameter(self) -> bool:
-        end = self._buffer.find(PARAMETER_CLOSE)
+        end = self._buffer.find(PARAMETER_CLOSE, self._value_searched)
         if end == -1:
+            self._value_searched = max(0, len(self._buffer) - len(PARAMETER_CLOSE) + 1)
             return False
+        self._value_searched = 0
         match = _PARAMETER_BODY.fullmatch(self._buffer[:end])
         if match is None:
             raise MalformedCompletionError(
@@ -285,7 +292,7 @@ class _ToolBlockParser:
         if not is_string:
             _check_json_value(value, key, self._name)
         self._arguments[key] = (value, is_string)
-        self._buffer = self._buffer[end + len(PARAMETER_CLOSE):]
+        self._buffer = self._buffer[end + len(PARAMETER_CLOSE) :]
         self._state = _AFTER_VALUE
         return True
 
@@ -408,7 +415,7 @@ class StreamParser:
         if marker is None:
             self._buffer = self._buffer[index:]
             return False
-        self._buffer = self._buffer[index + len(marker):]
+        self._buffer = self._buffer[index + len(marker) :]
         self._enter_after(marker, reasoning)
         return True
 
@@ -438,7 +445,7 @@ class StreamParser:
 
     def _step_after_tools(self, final: bool) -> bool:
         if self._buffer.startswith(EOS):
-            self._buffer, self._state = self._buffer[len(EOS):], _DONE
+            self._buffer, self._state = self._buffer[len(EOS) :], _DONE
             return True
         if self._buffer == "" or (not final and EOS.startswith(self._buffer)):
             return False

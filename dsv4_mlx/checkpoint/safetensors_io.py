@@ -114,3 +114,26 @@ def load_tensor(info: TensorInfo) -> mx.array:
     elif info.dtype == "I64":
         array = array.astype(mx.int32)  # expert ids and token ids fit in int32
     return array if array.dtype == mx_dtype or info.dtype == "I64" else array.astype(mx_dtype)
+
+
+def write_safetensors(path: Path, tensors: dict[str, tuple[str, np.ndarray]],
+                      metadata: dict[str, str] | None = None) -> None:
+    """Write `{name: (hub dtype, array)}` as one safetensors file, atomically (temp name, then rename).
+
+    Writes raw bytes, so FP8 dtypes (F8_E4M3, F8_E8M0) that other writers lack are kept as such.
+    """
+    path = Path(path)
+    header: dict = {"__metadata__": metadata} if metadata else {}
+    offset = 0
+    for name, (dtype, data) in tensors.items():
+        header[name] = {"dtype": dtype, "shape": list(data.shape), "data_offsets": [offset, offset + data.nbytes]}
+        offset += data.nbytes
+    blob = json.dumps(header, separators=(",", ":")).encode()
+    blob += b" " * (-len(blob) % 8)  # keep tensor data 8-byte aligned
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        f.write(struct.pack("<Q", len(blob)))
+        f.write(blob)
+        for _, data in tensors.values():
+            f.write(np.ascontiguousarray(data).tobytes())
+    tmp.replace(path)
