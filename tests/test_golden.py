@@ -78,11 +78,12 @@ def test_chunked_prefill_and_decode_agree_with_one_prefill(model_f32, golden, de
         start += size
     assert start == total
     chunked = np.concatenate(pieces, axis=1)
-    assert rel_l2(chunked, one_call) < 1e-5
+    # Same up to float32 summation order (different matmul shapes); any real mismatch is >= 1e-2.
+    assert rel_l2(chunked, one_call) < 1e-4
     assert argmax_agreement(chunked, one_call) == 1.0
     # token-by-token decode after the prompt gives the same logits as the one long call
     stepped, _ = decode_logits
-    assert rel_l2(stepped, one_call[:, PROMPT_LEN:]) < 1e-5
+    assert rel_l2(stepped, one_call[:, PROMPT_LEN:]) < 1e-4
 
 
 def test_batch_rows_match_single_rows(model_f32, golden):
@@ -90,7 +91,7 @@ def test_batch_rows_match_single_rows(model_f32, golden):
     both = to_np(model_f32(tokens, model_f32.make_cache()))
     for row in range(2):
         alone = to_np(model_f32(tokens[row:row + 1], model_f32.make_cache()))
-        assert rel_l2(both[row:row + 1], alone) < 1e-5
+        assert rel_l2(both[row:row + 1], alone) < 1e-4
 
 
 def test_rollback_is_exact(model_f32, golden):
@@ -141,3 +142,27 @@ def test_rollback_beyond_capacity_is_refused(model_f32, golden):
     model_f32(golden["tokens"][:, :20], cache)
     with pytest.raises(ValueError, match="cannot roll back 5"):
         cache[0].trim(5)
+
+
+def test_rewind_to_a_mark_far_back_is_exact(model_f32, golden):
+    """Marks let a chat session return to an earlier turn (far beyond the rollback capacity)."""
+    tokens = golden["tokens"]
+    reference = model_f32.make_cache()
+    model_f32(tokens[:, :200], reference)
+    cache = model_f32.make_cache()
+    model_f32(tokens[:, :200], cache)
+    marks = [c.mark() for c in cache]
+    model_f32(tokens[:, 200:390], cache)  # 190 tokens: new ratio-128 entry, window fully replaced
+    for c, m in zip(cache, marks):
+        c.rewind(m)
+    for got, want in zip(cache, reference):
+        assert_same_memory(got, want)
+    follow = tokens[:, 200:260]
+    assert mx.array_equal(model_f32(follow, cache), model_f32(follow, reference))
+    # Rolled back before the mark and written again: the mark no longer describes this cache.
+    marks = [c.mark() for c in cache]
+    for c in cache:
+        c.trim(10)
+    model_f32(tokens[:, 250:252], cache)
+    with pytest.raises(ValueError, match="cannot rewind"):
+        cache[0].rewind(marks[0])

@@ -1,5 +1,8 @@
 """The model's KV memory: sliding window, FP8 compressed entries, FP4 indexer keys, compressor state."""
 
-from .kv_memory import DEFAULT_ROLLBACK, Fp4EntryStore, Fp8EntryStore, LayerCache, TokenBuffer, WindowRing
+from .kv_memory import DEFAULT_ROLLBACK, CacheMark, Fp4EntryStore, Fp8EntryStore, LayerCache, TokenBuffer, WindowRing
 
-__all__ = ["DEFAULT_ROLLBACK", "Fp4EntryStore", "Fp8EntryStore", "LayerCache", "TokenBuffer", "WindowRing"]
+__all__ = ["CacheMark", "DEFAULT_ROLLBACK", "Fp4EntryStore", "Fp8EntryStore", "LayerCache", "TokenBuffer", "WindowRing"]
+from .sizes import KVMemory, entry_bytes, index_key_bytes, kv_bytes_per_token, kv_memory  # noqa: E402
+
+__all__ += ["KVMemory", "entry_bytes", "index_key_bytes", "kv_bytes_per_token", "kv_memory"]

@@ -16,6 +16,8 @@ All rows of a batch share positions (equal-length rows).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import mlx.core as mx
 from mlx_lm.models.cache import _BaseCache
 
@@ -196,6 +198,22 @@ class TokenBuffer:
         self.start = start
 
 
+@dataclass(frozen=True)
+class CacheMark:
+    """A point a `LayerCache` can return to exactly, however far back (see `LayerCache.mark`)."""
+
+    offset: int
+    rollbacks_seen: int
+    window: tuple
+    counts: tuple
+    buffers: tuple
+
+
+def _copy(arrays: list[mx.array]) -> tuple:
+    # In-place slice updates change an array object for every holder: keep our own objects.
+    return tuple(mx.array(a) for a in arrays)
+
+
 class LayerCache(_BaseCache):
     """Everything one layer remembers, in mlx-lm's cache protocol (state, trim, nbytes, ...)."""
 
@@ -209,6 +227,7 @@ class LayerCache(_BaseCache):
         self.compressor_buffer = TokenBuffer() if compress_ratio else None
         self.index_keys = Fp4EntryStore() if has_indexer else None
         self.index_buffer = TokenBuffer() if has_indexer else None
+        self._rollback_offsets: list[int] = []  # where each trim/rewind landed (marks check it)
 
     # --- mlx-lm protocol -------------------------------------------------------------------------
     def size(self) -> int:
@@ -228,6 +247,7 @@ class LayerCache(_BaseCache):
             raise ValueError(f"cannot roll back {n} tokens: this cache keeps {self.rollback} "
                              f"(and holds {self.offset}); make the cache with a larger `rollback`")
         self.offset -= n
+        self._rollback_offsets.append(self.offset)
         self.window.forget_from(self.offset)
         for store in (self.entries, self.index_keys):
             if store is not None:
@@ -236,6 +256,39 @@ class LayerCache(_BaseCache):
             if buffer is not None:
                 buffer.trim_to(self.offset)
         return n
+
+    # --- marks: exact return to any earlier point ------------------------------------------------
+    def mark(self) -> CacheMark:
+        """Remember this point. Costs a copy of the window and compressor buffers (small), not the
+        compressed memory: stores only grow past a mark, so returning to it truncates them."""
+        buffers = tuple((b.start, *_copy(b.arrays())) if b is not None else None
+                        for b in (self.compressor_buffer, self.index_buffer))
+        counts = tuple(s.count if s is not None else 0 for s in (self.entries, self.index_keys))
+        return CacheMark(self.offset, len(self._rollback_offsets), (_copy(self.window.arrays())),
+                         counts, buffers)
+
+    def can_rewind(self, mark: CacheMark) -> bool:
+        """False once the cache went back before the mark and wrote over what it remembers."""
+        later = self._rollback_offsets[mark.rollbacks_seen:]
+        return mark.offset <= self.offset and all(o >= mark.offset for o in later)
+
+    def rewind(self, mark: CacheMark) -> None:
+        """Return exactly to `mark` (taken earlier on this cache)."""
+        if not self.can_rewind(mark):
+            raise ValueError(f"cannot rewind to token {mark.offset}: the cache was rolled back before it "
+                             "since the mark was taken; prefill again instead")
+        self.offset = mark.offset
+        self._rollback_offsets.append(self.offset)
+        self.window.load(list(_copy(list(mark.window))))
+        if not mark.window:
+            self.window = WindowRing(self.window.window, self.rollback)
+        for store, count in zip((self.entries, self.index_keys), mark.counts):
+            if store is not None:
+                store.truncate(count)
+        for buffer, saved in zip((self.compressor_buffer, self.index_buffer), mark.buffers):
+            if buffer is not None:
+                buffer.kv = buffer.gate = None
+                buffer.load(list(_copy(list(saved[1:]))), saved[0])
 
     def _parts(self) -> list:
         return [self.window, self.entries, self.compressor_buffer, self.index_keys, self.index_buffer]

@@ -9,6 +9,7 @@ the tiny golden checkpoint so activations stay well-scaled.
 from __future__ import annotations
 
 import json
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -117,3 +118,45 @@ def write_synthetic_checkpoint(folder: str | Path, config: dict, seed: int = 0,
     (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
     (folder / "config.json").write_text(json.dumps(config, indent=2))
     return folder
+
+
+def randomize_parameters(module, seed: int = 0) -> None:
+    """Give a freshly built module (e.g. one real-size `Block`) random weights, cheaply.
+
+    Quantized weights get random bytes directly (no float detour, so a Flash-size expert stack costs
+    only its packed size); float tensors follow the checkpoint's magnitudes by name.
+    """
+    import mlx.core as mx
+    from mlx.utils import tree_flatten, tree_unflatten
+
+    mx.random.seed(seed)
+    rng = np.random.default_rng(seed)
+    params = dict(tree_flatten(module.parameters()))
+    updates = []
+    for name, value in params.items():
+        if name.endswith(".scales"):
+            continue
+        scales_name = name[: -len("weight")] + "scales"
+        if name.endswith(".weight") and scales_name in params:
+            updates += _random_quantized(name, value, params[scales_name])
+        elif mx.issubdtype(value.dtype, mx.floating):
+            values = _float_tensor(name, value.shape, rng)
+            updates.append((name, mx.array(values).astype(value.dtype)))
+    module.update(tree_unflatten(updates))
+    mx.eval(module.parameters())
+
+
+def _random_quantized(name: str, weight, scales) -> list:
+    import mlx.core as mx
+
+    fp4 = weight.shape[-1] * 8 == scales.shape[-1] * 32
+    in_dims = scales.shape[-1] * 32
+    rng = np.random.default_rng(zlib.crc32(name.encode()))
+    bits = mx.array(rng.integers(0, 1 << 32, size=weight.shape, dtype=np.uint32))
+    if fp4:
+        rms = 2.4  # random e2m1 codes
+    else:
+        bits = bits & 0xBFBFBFBF  # clear each byte's top exponent bit: no NaN codes, |v| <= 1.875
+        rms = 0.5
+    exponent = int(np.round(np.log2(1.0 / (rms * np.sqrt(in_dims)))))
+    return [(name, bits), (name[: -len("weight")] + "scales", mx.full(scales.shape, 127 + exponent, mx.uint8))]
