@@ -35,11 +35,13 @@ class MXLinear(nn.QuantizedLinear):
     """A quantized linear (MX formats) that, on the CPU backend, dequantizes and runs a dense matmul.
 
     MLX's CPU kernels for mxfp8/mxfp4 matmuls are ~10x slower than dequantize + dense for more
-    than a few rows; GPUs keep the fused quantized kernel. Dequantizing is exact either way.
+    than a few rows; GPUs keep the fused quantized kernel. Dequantizing is exact either way. The CPU
+    takes the dense path for every row count, so a 1-token decode step and a multi-token call (MTP
+    verification, chunked prefill) round alike and greedy speculation stays identical to greedy.
     """
 
     def __call__(self, x: mx.array) -> mx.array:
-        if x.size // x.shape[-1] > 1 and mx.default_device() == mx.cpu:
+        if mx.default_device() == mx.cpu:
             weight = mx.dequantize(self["weight"], self["scales"], group_size=self.group_size, bits=self.bits,
                                    mode=self.mode, dtype=x.dtype)
             return x @ weight.T
