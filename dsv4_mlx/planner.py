@@ -30,8 +30,9 @@ from typing import Iterator
 import mlx.core as mx
 from mlx.utils import tree_flatten
 
-from .cache import DEFAULT_ROLLBACK
+from .cache import DEFAULT_ROLLBACK, entry_bytes, index_key_bytes
 from .model import ModelArgs
+from .model.presets import FLASH_CONFIG
 
 GiB = 1 << 30
 MAC_SIZES_GB = (128, 192, 256, 512)
@@ -43,21 +44,6 @@ MIN_CONTEXT = 4096  # below this a model is not worth starting
 MIN_CHUNK, MAX_CHUNK = 32, 2048
 MAX_MARKS = 8  # marks a PromptCache keeps (each copies the window rings and compressor buffers)
 _INDEXER_CHUNK_ELEMENTS = 1 << 26  # attention.reference bounds the indexer's score tensor to this
-
-# DeepSeek-V4-Flash's config.json (the values of shared/docs/architecture.md).
-FLASH_CONFIG: dict = {
-    "model_type": "deepseek_v4", "vocab_size": 129280, "hidden_size": 4096, "num_hidden_layers": 43,
-    "num_nextn_predict_layers": 1, "num_attention_heads": 64, "head_dim": 512, "qk_rope_head_dim": 64,
-    "q_lora_rank": 1024, "o_lora_rank": 1024, "o_groups": 8, "sliding_window": 128,
-    "compress_ratios": [0, 0] + [4, 128] * 20 + [4, 0], "index_n_heads": 64, "index_head_dim": 128,
-    "index_topk": 512, "n_routed_experts": 256, "num_experts_per_tok": 6, "n_shared_experts": 1,
-    "moe_intermediate_size": 2048, "num_hash_layers": 3, "routed_scaling_factor": 1.5, "swiglu_limit": 10.0,
-    "hc_mult": 4, "hc_sinkhorn_iters": 20, "rope_theta": 10000, "compress_rope_theta": 160000,
-    "rope_scaling": {"type": "yarn", "factor": 16, "original_max_position_embeddings": 65536,
-                     "beta_fast": 32, "beta_slow": 1},
-    "max_position_embeddings": 1048576, "expert_dtype": "fp4",
-}
-
 
 class MemoryPlanError(RuntimeError):
     """The model cannot run on this machine (its weights alone do not fit): the message says what to do."""
@@ -231,9 +217,8 @@ def _layer_ratios(args: ModelArgs, include_mtp: bool) -> list[int]:
 
 def kv_footprint(args: ModelArgs, dtype_bytes: int = 2, rollback: int = DEFAULT_ROLLBACK,
                  include_mtp: bool = True, marks: int = MAX_MARKS) -> KVFootprint:
-    nope, rope = args.head_dim - args.qk_rope_head_dim, args.qk_rope_head_dim
-    entry = nope + nope // 64 + rope * dtype_bytes  # e4m3 bytes + e8m0 per 64 + RoPE dims
-    index_key = args.index_head_dim // 2 + args.index_head_dim // 32  # e2m1 pairs + e8m0 per 32
+    entry = entry_bytes(args.head_dim, args.qk_rope_head_dim, dtype_bytes)
+    index_key = index_key_bytes(args.index_head_dim)
     per_token, fixed = 0.0, 0
     for ratio in _layer_ratios(args, include_mtp):
         window = (args.sliding_window + rollback) * (args.head_dim * dtype_bytes + 4)
