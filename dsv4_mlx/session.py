@@ -25,7 +25,7 @@ import numpy as np
 
 from .chat_format import (ContentDelta, ParseError, ReasoningDelta, StreamParser, ToolCall, encode_generation_prompt,
                           generation_prefix)
-from .generate import GenerationStats, Sampling, generate_tokens
+from .generation import GenerationStats, Sampling, generate_tokens
 from .model import Model
 from .planner import plan_for_model
 from .prompt_cache import PromptCache

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING
 import mlx.core as mx
 
 if TYPE_CHECKING:
-    from .generate import Sampling
+    from .generation import Sampling
     from .prompt_cache import PromptCache
 
 # Auto mode measures both ways of decoding and keeps the faster one; it re-measures the other

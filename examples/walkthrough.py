@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 
 from dsv4_mlx.chat_format import ContentDelta, ParseError, ReasoningDelta, ToolCall
-from dsv4_mlx.generate import generate, load, stream_generate
+from dsv4_mlx.generation import generate, load, stream_generate
 from dsv4_mlx.planner import plan_for_model
 from dsv4_mlx.prompt_cache import PromptCache
 from dsv4_mlx.session import ChatSession, TurnDone

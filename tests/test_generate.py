@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from mlx_lm.generate import GenerationResponse as MlxGenerationResponse
 
-from dsv4_mlx.generate import GenerationResponse, Sampling, generate, load, resolve_model_path, stream_generate
+from dsv4_mlx.generation import GenerationResponse, Sampling, generate, load, resolve_model_path, stream_generate
 from dsv4_mlx.planner import ContextLimitError
 from dsv4_mlx.prompt_cache import PromptCache
 
@@ -107,7 +107,7 @@ def test_max_tokens_and_context_limits(demo, monkeypatch):
     from dsv4_mlx import planner
 
     real = planner.plan_for_model
-    monkeypatch.setattr("dsv4_mlx.generate.plan_for_model",
+    monkeypatch.setattr("dsv4_mlx.generation.plan_for_model",
                         lambda m: planner.MemoryPlan(**{**real(m).__dict__, "max_context": 12}))
     with pytest.raises(ContextLimitError, match="capped at 12"):
         list(stream_generate(model, tokenizer, "word " * 20, max_tokens=2))

@@ -15,7 +15,7 @@ import pytest
 from conftest import argmax_agreement, rel_l2, to_np
 from dsv4_mlx.chat_format import (ASSISTANT, EOS, THINK_END, THINK_START, USER, ContentDelta, ReasoningDelta, ToolCall,
                                   encode_generation_prompt)
-from dsv4_mlx.generate import Sampling, load
+from dsv4_mlx.generation import Sampling, load
 from dsv4_mlx.planner import ContextLimitError
 from dsv4_mlx.prompt_cache import CacheMismatchError
 from dsv4_mlx.session import ChatSession, SessionStats, TurnDone

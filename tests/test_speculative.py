@@ -12,7 +12,7 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from dsv4_mlx.generate import GenerationStats, Sampling, generate_tokens
+from dsv4_mlx.generation import GenerationStats, Sampling, generate_tokens
 from dsv4_mlx.prompt_cache import PromptCache
 from dsv4_mlx.speculative import PROBE_STEPS, MtpPolicy, speculative_accept
 

@@ -1,0 +1,5 @@
+"""The `dsv4` command line (typer + rich)."""
+
+from .app import app
+
+__all__ = ["app"]
