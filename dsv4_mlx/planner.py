@@ -97,79 +97,22 @@ def _physical_memory() -> int:
 
 
 # --- weights -------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class Recipe:
-    """Storage of each tensor family. Formats: mxfp4, mxfp8, affine{2,3,4,8} (group 64), float (activation dtype)."""
-
-    name: str
-    experts: str  # routed experts
-    dense: str  # the checkpoint's FP8 linears (attention, shared experts, indexer wq_b, MTP projections)
-    embed_head: str
-    description: str
-
-
-RECIPES: dict[str, Recipe] = {r.name: r for r in (
-    Recipe("lossless", "mxfp4", "mxfp8", "float", "the Hub weights bit for bit (FP4 experts, FP8 linears)"),
-    Recipe("affine-8bit", "affine8", "affine8", "affine8", "mlx-lm style 8-bit, group 64"),
-    Recipe("affine-4bit", "affine4", "affine4", "affine4", "mlx-lm style 4-bit, group 64"),
-    Recipe("experts-3bit", "affine3", "mxfp8", "float", "routed experts 3-bit (group 64), the rest lossless"),
-    Recipe("experts-2bit", "affine2", "mxfp8", "float", "routed experts 2-bit (group 64), the rest lossless"),
-)}
-
-# Bits per weight in memory. MX formats: one e8m0 byte per 32 values. Affine: a bf16 scale and a bf16
-# bias per 64 values (0.5 bit). The Hub's FP8 tiles (one scale per 128x128) become per-32 scales in MLX.
-FORMAT_BITS = {"mxfp4": 4.25, "mxfp8": 8.25, "affine8": 8.5, "affine4": 4.5, "affine3": 3.5,
-               "affine2": 2.5}
-_STORED_BYTES = {"F32": 4, "BF16": 2, "F16": 2, "I64": 4, "I32": 4}  # int64 expert maps load as int32
-
-
-def _family(name: str, dtype: str) -> str:
-    if ".ffn.experts." in name:
-        return "experts"
-    if dtype == "F8_E4M3":
-        return "dense"
-    if name in ("embed.weight", "head.weight"):
-        return "embed_head"
-    return "small"
-
-
-def recipe_weight_bytes(args: ModelArgs, recipe: str | Recipe, dtype_bytes: int = 2) -> dict[str, int]:
+def recipe_weight_bytes(args: ModelArgs, recipe: str) -> dict[str, int]:
     """In-memory bytes per tensor family (and 'total') of a model converted with `recipe`.
 
-    Small tensors (norms, hc mixers, router, sinks, compressor and indexer projections) keep their
-    precision in every recipe: float32 ones stay float32, the others take the activation dtype.
+    The sizes come from the converter's own plan (`dsv4_mlx.convert.build_plan`: every output tensor's
+    dtype and shape), so the planner and `dsv4 convert` can never disagree.
     """
-    recipe = RECIPES[recipe] if isinstance(recipe, str) else recipe
-    counts = _family_counts(json.dumps(asdict(args), sort_keys=True, default=str))
-    bits = {**FORMAT_BITS, "float": 8.0 * dtype_bytes}  # "float": kept in the activation dtype
-    out = {family: int(counts[family] * bits[getattr(recipe, family)] / 8) for family in ("experts", "dense", "embed_head")}
-    out["small"] = int(counts["small_f32"] * 4 + counts["small_int"] * 4 + counts["small_float"] * dtype_bytes)
-    out["total"] = sum(out.values())
-    return out
+    return dict(_recipe_bytes(json.dumps(asdict(args), sort_keys=True, default=str), recipe))
 
 
-@functools.lru_cache(maxsize=8)
-def _family_counts(config_json: str) -> dict[str, int]:
-    """Parameter counts per tensor family of a config (cached: Flash has ~70K expert tensors)."""
-    from .checkpoint.hub_layout import expected_tensors
+@functools.lru_cache(maxsize=32)
+def _recipe_bytes(config_json: str, recipe: str) -> tuple[tuple[str, int], ...]:
+    from .convert import build_plan, get_recipe  # the converter imports the planner: import late
 
-    args = ModelArgs(**json.loads(config_json))
-    counts = dict.fromkeys(("experts", "dense", "embed_head", "small_f32", "small_int", "small_float"), 0)
-    for name, want in expected_tensors(args).items():
-        if name.endswith(".scale"):
-            continue
-        numel = math.prod(want.shape) * (2 if want.dtypes[0] == "I8" else 1)  # I8: two FP4 codes a byte
-        family = _family(name, want.dtypes[0])
-        if family == "small":
-            family = ("small_int" if want.dtypes[0] in ("I64", "I32") else
-                      "small_f32" if _is_float32_tensor(name) else "small_float")
-        counts[family] += numel
-    return counts
-
-
-def _is_float32_tensor(name: str) -> bool:
-    """Tensors the Hub stores in float32: hyper-connection mixers, sinks, router bias, compressor ape."""
-    return name.startswith("hc_") or ".hc_" in name or name.endswith(("attn_sink", "ape", "gate.bias"))
+    conversion = build_plan(ModelArgs(**json.loads(config_json)), get_recipe(recipe))
+    families = {family: out for family, (out, _, _) in conversion.family_bytes().items()}
+    return tuple(families.items()) + (("total", conversion.total_bytes),)
 
 
 def checkpoint_weight_bytes(path: str | Path, dtype_bytes: int = 2) -> int:
@@ -403,8 +346,10 @@ def recipe_table(memory_gb: int, args: ModelArgs | None = None, dtype_bytes: int
     """Every recipe's weights and largest context on a `memory_gb` Mac (Flash unless `args`)."""
     args = args or ModelArgs.from_dict(FLASH_CONFIG)
     rows = []
+    from .convert import RECIPES
+
     for name in RECIPES:
-        weights = recipe_weight_bytes(args, name, dtype_bytes)["total"]
+        weights = recipe_weight_bytes(args, name)["total"]
         default = plan(args, weights, mac(memory_gb), dtype_bytes)
         raised = plan(args, weights, mac(memory_gb, raised_limit=True), dtype_bytes)
         rows.append(RecipeFit(name, weights, default.max_context, raised.max_context))
@@ -414,8 +359,8 @@ def recipe_table(memory_gb: int, args: ModelArgs | None = None, dtype_bytes: int
 def recommend(memory_gb: int, args: ModelArgs | None = None, min_context: int = 65536) -> RecipeFit | None:
     """The most precise recipe reaching `min_context` tokens at the default GPU limit, or failing that
     with the raised limit; None if none does. Precision order: lossless, 8-bit, 3-bit experts, 4-bit,
-    2-bit experts (the 3-bit-expert recipe keeps the attention path lossless)."""
-    order = ("lossless", "affine-8bit", "experts-3bit", "affine-4bit", "experts-2bit")
+    mixed 3/2-bit experts, 2-bit experts (the expert recipes keep the attention path lossless)."""
+    order = ("lossless", "q8", "experts-q3", "q4", "experts-mixed", "experts-q2")
     rows = {r.recipe: r for r in recipe_table(memory_gb, args)}
     for attr in ("max_context", "max_context_raised"):
         for name in order:

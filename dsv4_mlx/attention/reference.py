@@ -143,3 +143,43 @@ def _previous_blocks(kv: mx.array, gate: mx.array, first: int, count: int, ratio
     kv = mx.concatenate([pad_kv, kv[:, span]], axis=1)
     gate = mx.concatenate([pad_g, gate[:, span]], axis=1)
     return kv.reshape(B, count, ratio, d), gate.reshape(B, count, ratio, d)
+
+
+# --- hyper-connections (mHC): the mixes around every sub-layer ------------------------------------------
+
+def hc_mixes(x: mx.array, fn: mx.array, eps: float) -> mx.array:
+    """x [B,S,hc,D] flattened to hc*D, projected by fn, times the RMS factor (float32)."""
+    flat = x.reshape(*x.shape[:-2], -1).astype(mx.float32)
+    return (flat @ fn.T) * mx.rsqrt(mx.mean(flat * flat, axis=-1, keepdims=True) + eps)
+
+
+def hc_collapse(x: mx.array, weights: mx.array) -> mx.array:
+    """sum_i weights[i] * x[i] over the hc streams, in float32, back in x's dtype."""
+    return (weights[..., None] * x.astype(mx.float32)).sum(axis=-2).astype(x.dtype)
+
+
+def sinkhorn(comb: mx.array, iters: int, eps: float) -> mx.array:
+    """Row-softmax, then alternate column/row normalisation (columns first and last)."""
+    comb = mx.softmax(comb, axis=-1) + eps
+    comb = comb / (comb.sum(axis=-2, keepdims=True) + eps)
+    for _ in range(iters - 1):
+        comb = comb / (comb.sum(axis=-1, keepdims=True) + eps)
+        comb = comb / (comb.sum(axis=-2, keepdims=True) + eps)
+    return comb
+
+
+def hc_pre(x: mx.array, fn: mx.array, base: mx.array, scale: mx.array, hc: int, iters: int, hc_eps: float,
+           norm_eps: float) -> tuple[mx.array, mx.array, mx.array]:
+    """(sub-layer input [B,S,D], post weights [B,S,hc], comb [B,S,hc,hc] from stream i to j)."""
+    mixes = hc_mixes(x, fn, norm_eps)
+    pre = mx.sigmoid(mixes[..., :hc] * scale[0] + base[:hc]) + hc_eps
+    post = 2 * mx.sigmoid(mixes[..., hc:2 * hc] * scale[1] + base[hc:2 * hc])
+    comb = mixes[..., 2 * hc:] * scale[2] + base[2 * hc:]
+    comb = sinkhorn(comb.reshape(*comb.shape[:-1], hc, hc), iters, hc_eps)
+    return hc_collapse(x, pre), post, comb
+
+
+def hc_post(out: mx.array, x: mx.array, post: mx.array, comb: mx.array) -> mx.array:
+    """new[j] = post[j] * out + sum_i comb[i, j] * x[i]."""
+    mixed = comb.swapaxes(-1, -2) @ x.astype(mx.float32)
+    return (post[..., None] * out[..., None, :].astype(mx.float32) + mixed).astype(x.dtype)

@@ -38,6 +38,17 @@ def _grown(array: mx.array | None, needed: int, shape_tail: tuple, batch: int, d
     return extra if array is None else mx.concatenate([array, extra], axis=1)
 
 
+def decode_entries(codes: mx.array, scales: mx.array, rope: mx.array, count: int, dtype: mx.Dtype) -> mx.array:
+    """The first `count` stored entries as [B, count, d] in `dtype` (FP8 part decoded, RoPE part as is)."""
+    nope = fp8_decode(codes[:, :count], scales[:, :count], dtype)
+    return mx.concatenate([nope, rope[:, :count].astype(dtype)], axis=-1)
+
+
+def decode_keys(packed: mx.array, scales: mx.array, count: int, dtype: mx.Dtype) -> mx.array:
+    """The first `count` stored indexer keys as [B, count, dims] in `dtype`."""
+    return fp4_decode(packed[:, :count], scales[:, :count], dtype)
+
+
 class WindowRing:
     """The sliding-window keys (= values) in a ring buffer, with each slot's absolute position."""
 
@@ -106,9 +117,7 @@ class Fp8EntryStore:
         """All stored entries as [B, count, d] in `dtype` (the reference path reads them this way)."""
         if self.count == 0:
             return None
-        n = self.count
-        nope = fp8_decode(self.codes[:, :n], self.scales[:, :n], dtype)
-        return mx.concatenate([nope, self.rope[:, :n].astype(dtype)], axis=-1)
+        return decode_entries(self.codes, self.scales, self.rope, self.count, dtype)
 
     def truncate(self, count: int) -> None:
         self.count = min(self.count, count)
@@ -148,7 +157,7 @@ class Fp4EntryStore:
     def dequantize(self, dtype: mx.Dtype) -> mx.array | None:
         if self.count == 0:
             return None
-        return fp4_decode(self.packed[:, :self.count], self.scales[:, :self.count], dtype)
+        return decode_keys(self.packed, self.scales, self.count, dtype)
 
     def truncate(self, count: int) -> None:
         self.count = min(self.count, count)

@@ -38,14 +38,18 @@ def _block_of(name: str) -> str:
 
 
 def load_model(path: str | Path, dtype: mx.Dtype | None = None) -> Model:
-    """Load a DeepSeek-V4 checkpoint in the Hub layout.
+    """Load a DeepSeek-V4 checkpoint in the Hub layout, or a folder written by `dsv4 convert`.
 
     Args:
         path: the checkpoint folder (config.json + safetensors shards).
         dtype: activation dtype, `mx.bfloat16` (default) or `mx.float32` for exact comparisons.
             Quantized weights keep their published bits either way; BF16 tensors are cast to `dtype`.
     """
+    from .mlx_layout import is_converted_folder, load_converted
+
     path = Path(path)
+    if is_converted_folder(path):  # MLX layout: names, formats and quantization from `dsv4 convert`
+        return load_converted(path, dtype)
     dtype = dtype or mx.bfloat16
     args = read_config(path)
     tensors = index_checkpoint(path)

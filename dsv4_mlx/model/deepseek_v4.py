@@ -22,6 +22,7 @@ import mlx.nn as nn
 from mlx_lm.models.switch_layers import QuantizedSwitchLinear
 
 from ..attention import dispatch as ops
+from ..attention.reference import hc_collapse, hc_mixes
 from ..attention.rope import apply_rope, rope_frequencies
 from ..cache import DEFAULT_ROLLBACK, LayerCache
 from ..quant import fp4_round, fp8_round
@@ -68,27 +69,6 @@ class RMSNorm(nn.Module):
         return mx.fast.rms_norm(x, self.weight.astype(x.dtype), self.eps)
 
 
-def _mix_logits(x: mx.array, fn: mx.array, eps: float) -> mx.array:
-    """The mHC mixer: x [B,S,hc,D] flattened, projected by fn, RMS-normalised (float32)."""
-    flat = x.reshape(*x.shape[:-2], -1).astype(mx.float32)
-    return (flat @ fn.T) * mx.rsqrt(mx.mean(flat * flat, axis=-1, keepdims=True) + eps)
-
-
-def _collapse(x: mx.array, weights: mx.array) -> mx.array:
-    """sum_i weights[i] * x[i] over the hc streams, in float32, back in x's dtype."""
-    return (weights[..., None] * x.astype(mx.float32)).sum(axis=-2).astype(x.dtype)
-
-
-def sinkhorn(comb: mx.array, iters: int, eps: float) -> mx.array:
-    """Row-softmax, then alternate column/row normalisation (columns first and last)."""
-    comb = mx.softmax(comb, axis=-1) + eps
-    comb = comb / (comb.sum(axis=-2, keepdims=True) + eps)
-    for _ in range(iters - 1):
-        comb = comb / (comb.sum(axis=-1, keepdims=True) + eps)
-        comb = comb / (comb.sum(axis=-2, keepdims=True) + eps)
-    return comb
-
-
 class HyperConnection(nn.Module):
     """mHC around one sub-layer: collapse the hc streams into its input, then mix its output back."""
 
@@ -121,8 +101,8 @@ class HeadCollapse(nn.Module):
         self.hc_eps, self.norm_eps = args.hc_eps, args.rms_norm_eps
 
     def __call__(self, x: mx.array) -> mx.array:
-        mixes = _mix_logits(x, self.fn, self.norm_eps)
-        return _collapse(x, mx.sigmoid(mixes * self.scale[0] + self.base) + self.hc_eps)
+        mixes = hc_mixes(x, self.fn, self.norm_eps)
+        return hc_collapse(x, mx.sigmoid(mixes * self.scale[0] + self.base) + self.hc_eps)
 
 
 class Compressor(nn.Module):
@@ -177,7 +157,7 @@ class Indexer(nn.Module):
         keys = self.compressor(x, positions, cache.index_buffer, cache.rollback)
         if keys is not None:
             cache.index_keys.append(self.rotate(keys))  # the FP4 store is the rounding
-        stored = cache.index_keys.dequantize(x.dtype)
+        stored = cache.index_keys if cache.index_keys.count else None  # FP4 bytes, read in place by kernels
         if stored is None:
             return None
         B, S, _ = x.shape
@@ -245,7 +225,8 @@ class Attention(nn.Module):
             new = self.compressor(x, positions, cache.compressor_buffer, cache.rollback)
             if new is not None:
                 cache.entries.append(new)  # the FP8 store is the rounding
-            entries = cache.entries.dequantize(x.dtype)
+            # The store itself: GPU kernels read its FP8 bytes in place; the reference dequantizes it.
+            entries = cache.entries if cache.entries.count else None
             if self.ratio == 4:  # always run: its compressor must see every token
                 selection = self.indexer(x, qr, positions, cache)
         cache.offset += S

@@ -1,0 +1,253 @@
+"""Launchers of the GPU kernels: shapes, template arguments and launch geometry.
+
+Each `plan_*` function turns the op's arrays into a `Launch` (nothing runs until `Launch.run`); the
+op functions below chain the launches. The contracts are those of `dsv4_mlx.attention.reference`
+(and of `HyperConnection.pre/post` for `hc_pre` / `hc_post`); `supports_*` say which shapes a
+kernel handles (the dispatcher uses the reference for the rest).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import mlx.core as mx
+
+from .build import Launch
+
+# Threadgroups one attention call aims for, so that a single decoded row still spreads over the GPU
+# (an M3 Ultra has 80 cores, an H100 132 SMs). Splitting a row's keys costs a partial result of
+# H * D floats per split, so a split gets at least MIN_KEYS_PER_SPLIT candidate keys.
+ATTENTION_TARGET_GROUPS = 128
+ATTENTION_MIN_KEYS_PER_SPLIT = 32
+ATTENTION_TILE = 8  # keys dequantized into threadgroup memory at a time: TILE * D * 4 bytes
+ATTENTION_HEADS_PER_SIMDGROUP = 2  # q and the output accumulator of 2 heads: 2 * 2 * D / 32 registers a lane
+ATTENTION_HEADS_PER_GROUP = 16  # heads sharing each loaded key row (all H would need 2*H*D*4 bytes of registers)
+INDEXER_KEYS_PER_GROUP = 128
+TOPK_THREADS = 1024
+HC_THREADS = 512
+HC_POST_THREADS = 256
+# Token rows up to which hc_pre reads the float32 mixer weights (1.5 MB at Flash sizes) inside its one
+# threadgroup per token (one dispatch); above, one MLX matmul over the whole GPU makes the dot
+# products first (three dispatches: cast, matmul, kernel). On an H100 the single threadgroup streams
+# fn at ~45 GB/s (35 us a token) while the three dispatches take ~10 us of GPU time, so the matmul
+# form is the default; the fused form stays (and is checked) for GPUs where dispatches cost more.
+HC_FUSED_MAX_ROWS = 0
+# Query rows go on the grid's y / z axes, which CUDA caps at 65535 blocks.
+MAX_GRID_ROWS = 65535
+# Largest indexer score block (elements) built at once; query rows are chunked to fit (as the reference).
+INDEXER_CHUNK_ELEMENTS = 1 << 26
+
+
+@dataclass(frozen=True)
+class Fp8Entries:
+    """The compressed KV entries as `Fp8EntryStore` keeps them (capacity-sized arrays + a count)."""
+
+    codes: mx.array  # [B, cap, nope] uint8 e4m3
+    scales: mx.array  # [B, cap, nope / 64] uint8 e8m0
+    rope: mx.array  # [B, cap, rope_dims] activation dtype
+    count: int
+
+
+@dataclass(frozen=True)
+class Fp4Keys:
+    """The indexer keys as `Fp4EntryStore` keeps them."""
+
+    packed: mx.array  # [B, cap, dims / 2] uint8, two e2m1 codes a byte, low nibble first
+    scales: mx.array  # [B, cap, dims / 32] uint8 e8m0
+    count: int
+
+
+def _i32(*values: int) -> mx.array:
+    return mx.array(list(values), dtype=mx.int32)
+
+
+def _f32(*values: float) -> mx.array:
+    return mx.array(list(values), dtype=mx.float32)
+
+
+# --- sparse attention ---------------------------------------------------------------------------
+
+def attention_geometry(heads: int, heads_per_group: int = ATTENTION_HEADS_PER_GROUP,
+                       heads_per_simdgroup: int = ATTENTION_HEADS_PER_SIMDGROUP) -> tuple[int, int]:
+    """(heads per SIMD-group, SIMD-groups per threadgroup) for `heads` query heads."""
+    hs = heads_per_simdgroup if heads % heads_per_simdgroup == 0 else 1
+    group = math.gcd(heads, heads_per_group)
+    return hs, max(1, group // hs)
+
+
+def supports_attention(q: mx.array, entries) -> bool:
+    d = q.shape[-1]
+    if d % 32 or q.ndim != 4 or q.shape[0] * q.shape[1] > MAX_GRID_ROWS:
+        return False
+    if isinstance(entries, Fp8Entries):
+        nope = entries.codes.shape[-1]
+        return nope % 64 == 0 and nope + entries.rope.shape[-1] == d
+    return entries is None or entries.shape[-1] == d
+
+
+def plan_sparse_attention(q: mx.array, window_kv: mx.array, window_positions: mx.array, window: int,
+                          entries, selection: mx.array | None, ratio: int, positions: mx.array,
+                          sink: mx.array, scale: float, splits: int | None = None,
+                          heads_per_group: int | None = None, tile: int = ATTENTION_TILE,
+                          heads_per_simdgroup: int = ATTENTION_HEADS_PER_SIMDGROUP) -> Launch:
+    """The main attention launch; `entries` is None, dense [B, N, d] or `Fp8Entries`."""
+    B, S, H, D = q.shape
+    T = q.dtype
+    L = window_kv.shape[1]
+    if isinstance(entries, Fp8Entries):
+        codes, scales_, rope, count = entries.codes, entries.scales, entries.rope.astype(T), entries.count
+        nope = codes.shape[-1]
+    elif entries is not None:
+        codes, scales_, rope, count, nope = _dummy_u8(), _dummy_u8(), entries.astype(T), entries.shape[1], 0
+    else:
+        codes, scales_, rope, count, nope = _dummy_u8(), _dummy_u8(), mx.zeros((B, 1, D), T), 0, 0
+        ratio = 0
+    selected = selection is not None and count > 0
+    sel = selection.astype(mx.int32) if selected else mx.zeros((1, 1, 1), mx.int32)
+    hs, nsg = attention_geometry(H, heads_per_group or ATTENTION_HEADS_PER_GROUP, heads_per_simdgroup)
+    groups = H // (hs * nsg)
+    if splits is None:  # sized from the store's count: reading the positions would sync the GPU
+        n_comp = sel.shape[-1] if selected else (count if ratio > 0 else 0)
+        splits = attention_splits(B * S * groups, L + n_comp)
+    rows = B * S
+    if splits == 1:
+        out_shapes = [(B, S, H, D), (1,), (1,)]
+    else:
+        out_shapes = [(1,), (rows, splits, H, D), (rows, splits, H, 2)]
+    template = [("T", T), ("D", D), ("H", H), ("NOPE", nope), ("RATIO", max(0, ratio)),
+                ("SELECTED", selected), ("WINDOW", window), ("HS", hs), ("NSG", nsg), ("SPLITS", splits),
+                ("TILE", tile)]
+    inputs = [q, window_kv.astype(T), window_positions.astype(mx.int32), codes, scales_, rope, sel,
+              positions.astype(mx.int32), sink.astype(mx.float32), _f32(scale), _i32(count)]
+    return Launch("sparse_attention", inputs, template, grid=(nsg * 32 * groups, splits, rows),
+                  threadgroup=(nsg * 32, 1, 1), output_shapes=out_shapes,
+                  output_dtypes=[T, mx.float32, mx.float32])
+
+
+def attention_splits(groups: int, candidates: int, target: int | None = None) -> int:
+    """Key splits per row: enough threadgroups to fill the GPU, never tiny slices of keys."""
+    wanted = -(-(target or ATTENTION_TARGET_GROUPS) // max(1, groups))
+    return max(1, min(wanted, candidates // ATTENTION_MIN_KEYS_PER_SPLIT))
+
+
+def plan_attention_combine(part: mx.array, ml: mx.array, sink: mx.array, out_shape: tuple, dtype: mx.Dtype) -> Launch:
+    rows, splits, H, D = part.shape
+    template = [("T", dtype), ("D", D), ("H", H), ("SPLITS", splits)]
+    return Launch("attention_combine", [part, ml, sink.astype(mx.float32)], template,
+                  grid=(D // 4 * H, rows, 1), threadgroup=(D // 4, 1, 1), output_shapes=[out_shape],
+                  output_dtypes=[dtype])
+
+
+def sparse_attention(q: mx.array, window_kv: mx.array, window_positions: mx.array, window: int, entries,
+                     selection: mx.array | None, ratio: int, positions: mx.array, sink: mx.array,
+                     scale: float, splits: int | None = None, heads_per_group: int | None = None,
+                     tile: int = ATTENTION_TILE,
+                     heads_per_simdgroup: int = ATTENTION_HEADS_PER_SIMDGROUP) -> mx.array:
+    """`reference.sparse_attention` on the GPU; `entries` may also be `Fp8Entries` (read in place)."""
+    launch = plan_sparse_attention(q, window_kv, window_positions, window, entries, selection, ratio,
+                                   positions, sink, scale, splits, heads_per_group, tile, heads_per_simdgroup)
+    out, part, ml = launch.run()
+    if launch.grid[1] == 1:
+        return out
+    return plan_attention_combine(part, ml, sink, q.shape, q.dtype).run()[0]
+
+
+def _dummy_u8() -> mx.array:
+    return mx.zeros((1,), mx.uint8)
+
+
+# --- indexer --------------------------------------------------------------------------------------
+
+def supports_indexer(q: mx.array, keys) -> bool:
+    heads, dims = q.shape[-2:]
+    key_dims = keys.packed.shape[-1] * 2 if isinstance(keys, Fp4Keys) else keys.shape[-1]
+    return heads % 16 == 0 and dims % 32 == 0 and key_dims == dims and q.shape[0] <= MAX_GRID_ROWS
+
+
+def plan_indexer_scores(q: mx.array, weights: mx.array, keys, positions: mx.array, ratio: int) -> Launch:
+    """Float32 scores [B * S, count] of every visible entry (the rest of each row is left unwritten)."""
+    B, S, HI, DI = q.shape
+    if isinstance(keys, Fp4Keys):
+        packed, kscales, kdense, count = keys.packed, keys.scales, mx.zeros((1, 1, 1), q.dtype), keys.count
+    else:
+        packed, kscales, kdense, count = mx.zeros((1, 1, 1), mx.uint8), _dummy_u8(), keys, keys.shape[1]
+    template = [("HI", HI), ("DI", DI), ("PACKED", isinstance(keys, Fp4Keys)), ("KT", INDEXER_KEYS_PER_GROUP),
+                ("RATIO", ratio)]
+    tiles = -(-count // INDEXER_KEYS_PER_GROUP)
+    return Launch("indexer_scores", [q, weights, packed, kscales, kdense, positions.astype(mx.int32),
+                                     _i32(count, count)], template,
+                  grid=(256 * tiles, B * S, 1), threadgroup=(256, 1, 1), output_shapes=[(B * S, count)],
+                  output_dtypes=[mx.float32])
+
+
+def plan_topk(scores: mx.array, positions: mx.array, count: int, ratio: int, k_out: int) -> Launch:
+    """Ids [rows, k_out] of each row's k_out largest visible scores (-1 where fewer are visible)."""
+    rows = scores.shape[0]
+    template = [("NT", TOPK_THREADS), ("KOUT", k_out), ("RATIO", ratio)]
+    return Launch("topk_select", [scores, positions.astype(mx.int32), _i32(count)], template,
+                  grid=(TOPK_THREADS, rows, 1), threadgroup=(TOPK_THREADS, 1, 1), output_shapes=[(rows, k_out)],
+                  output_dtypes=[mx.int32])
+
+
+def indexer_topk(q: mx.array, weights: mx.array, keys, positions: mx.array, ratio: int, topk: int) -> mx.array:
+    """`reference.indexer_topk` on the GPU (scores in float32); `keys` may be `Fp4Keys`."""
+    B, S = q.shape[:2]
+    count = keys.count if isinstance(keys, Fp4Keys) else keys.shape[1]
+    k_out = min(topk, count)
+    chunk = max(1, min(INDEXER_CHUNK_ELEMENTS // max(1, B * count), MAX_GRID_ROWS // B))
+    picks = []
+    for s0 in range(0, S, chunk):
+        s1 = min(S, s0 + chunk)
+        pos = positions[s0:s1]
+        scores = plan_indexer_scores(q[:, s0:s1], weights[:, s0:s1], keys, pos, ratio).run()[0]
+        picks.append(plan_topk(scores, pos, count, ratio, k_out).run()[0].reshape(B, s1 - s0, k_out))
+    return mx.concatenate(picks, axis=1) if len(picks) > 1 else picks[0]
+
+
+# --- hyper-connections ----------------------------------------------------------------------------
+
+def supports_hc(x: mx.array) -> bool:
+    hc, dim = x.shape[-2:]
+    return hc in (1, 2, 4) and dim % 4 == 0
+
+
+def plan_hc_pre(x: mx.array, fn: mx.array, base: mx.array, scale: mx.array, iters: int, hc_eps: float,
+                norm_eps: float, mixes: mx.array | None = None) -> Launch:
+    *lead, hc, dim = x.shape
+    rows = math.prod(lead)
+    have_mixes = mixes is not None
+    template = [("T", x.dtype), ("HC", hc), ("DIM", dim), ("ITERS", iters), ("NT", HC_THREADS),
+                ("HAVE_MIXES", have_mixes)]
+    inputs = [x, fn.astype(mx.float32), base.astype(mx.float32), scale.astype(mx.float32), _f32(hc_eps, norm_eps),
+              mixes if have_mixes else mx.zeros((1,), mx.float32)]
+    return Launch("hc_pre", inputs, template, grid=(HC_THREADS * rows, 1, 1), threadgroup=(HC_THREADS, 1, 1),
+                  output_shapes=[(*lead, dim), (*lead, hc), (*lead, hc, hc)],
+                  output_dtypes=[x.dtype, mx.float32, mx.float32])
+
+
+def hc_pre(x: mx.array, fn: mx.array, base: mx.array, scale: mx.array, iters: int, hc_eps: float,
+           norm_eps: float, fused_max_rows: int = HC_FUSED_MAX_ROWS) -> tuple[mx.array, mx.array, mx.array]:
+    """`HyperConnection.pre` in one dispatch (plus one matmul for more than `fused_max_rows` tokens)."""
+    rows = math.prod(x.shape[:-2])
+    mixes = None
+    if rows > fused_max_rows:
+        mixes = x.reshape(rows, -1).astype(mx.float32) @ fn.astype(mx.float32).T
+    y, post, comb = plan_hc_pre(x, fn, base, scale, iters, hc_eps, norm_eps, mixes).run()
+    return y, post, comb
+
+
+def plan_hc_post(out: mx.array, x: mx.array, post: mx.array, comb: mx.array) -> Launch:
+    *lead, hc, dim = x.shape
+    rows = math.prod(lead)
+    tgx = min(HC_POST_THREADS, dim // 4)
+    xgroups = -(-(dim // 4) // tgx)
+    template = [("T", x.dtype), ("HC", hc), ("DIM", dim), ("TGX", tgx), ("XGROUPS", xgroups)]
+    return Launch("hc_post", [out, x, post.astype(mx.float32), comb.astype(mx.float32)], template,
+                  grid=(tgx * xgroups * rows, 1, 1), threadgroup=(tgx, 1, 1), output_shapes=[x.shape],
+                  output_dtypes=[x.dtype])
+
+
+def hc_post(out: mx.array, x: mx.array, post: mx.array, comb: mx.array) -> mx.array:
+    """`HyperConnection.post` in one dispatch."""
+    return plan_hc_post(out, x, post, comb).run()[0]

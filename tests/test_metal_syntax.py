@@ -1,0 +1,241 @@
+"""Every kernel source must compile as C++ in both of its flavours, so a typo cannot ship.
+
+No Metal or CUDA compiler runs in CI. Each kernel is rebuilt the way MLX builds it (the header, then a
+function whose parameters MLX would generate from the launch's inputs, outputs, template arguments and
+the thread attributes the body mentions, then the body) and parsed by libclang as C++17 against a
+small stub of the Metal names (`__METAL_VERSION__` defined) or of the CUDA names. The template
+arguments are those the launchers really pass, for the Flash sizes and the other code paths.
+"""
+
+from __future__ import annotations
+
+import re
+
+import mlx.core as mx
+import pytest
+
+cindex = pytest.importorskip("clang.cindex", reason="libclang (pip install libclang) parses the kernel sources")
+
+try:
+    from dsv4_mlx.metal import build, kernels
+except ImportError:  # a source checkout that is not installed: metal/ is a top-level package
+    from metal import build, kernels
+
+METAL_ATTRIBUTES = {
+    "thread_index_in_threadgroup": "uint",
+    "threadgroup_position_in_grid": "uint3",
+    "thread_index_in_simdgroup": "uint",
+    "simdgroup_index_in_threadgroup": "uint",
+    "thread_position_in_grid": "uint3",
+    "threads_per_threadgroup": "uint3",
+}
+METAL_TYPES = {mx.float32: "float", mx.float16: "float16_t", mx.bfloat16: "bfloat16_t", mx.uint8: "uint8_t",
+               mx.int32: "int32_t", mx.uint32: "uint32_t"}
+CUDA_TYPES = {mx.float32: "float", mx.float16: "__half", mx.bfloat16: "__nv_bfloat16", mx.uint8: "uint8_t",
+              mx.int32: "int32_t", mx.uint32: "uint32_t"}
+
+COMMON_STUB = """
+typedef unsigned char uint8_t;
+typedef unsigned short uint16_t;
+typedef unsigned int uint32_t;
+typedef signed char int8_t;
+typedef int int32_t;
+typedef long long int64_t;
+typedef unsigned long long uint64_t;
+"""
+
+METAL_STUB = COMMON_STUB + """
+#define __METAL_VERSION__ 310
+#define device
+#define threadgroup
+#define constant
+typedef unsigned int uint;
+typedef unsigned short ushort;
+struct uint3 { uint x, y, z; };
+struct float4 { float x, y, z, w; };
+struct bfloat16_t { bfloat16_t(); bfloat16_t(float); operator float() const; };
+struct float16_t { float16_t(); float16_t(float); operator float() const; };
+template <typename T, typename U> T as_type(U);
+namespace metal { float exp(float); float rsqrt(float); float max(float, float); }
+using namespace metal;
+float simd_sum(float);
+unsigned int simd_sum(unsigned int);
+float simd_max(float);
+unsigned int simd_max(unsigned int);
+unsigned int simd_min(unsigned int);
+unsigned int simd_prefix_exclusive_sum(unsigned int);
+unsigned int simd_prefix_inclusive_sum(unsigned int);
+float simd_shuffle_xor(float, ushort);
+unsigned int clz(unsigned int);
+enum class mem_flags { mem_none, mem_device, mem_threadgroup };
+void threadgroup_barrier(mem_flags);
+struct atomic_uint { unsigned int value; };
+enum memory_order { memory_order_relaxed };
+unsigned int atomic_fetch_add_explicit(atomic_uint*, unsigned int, memory_order);
+unsigned int atomic_load_explicit(atomic_uint*, memory_order);
+void atomic_store_explicit(atomic_uint*, unsigned int, memory_order);
+"""
+
+CUDA_STUB = COMMON_STUB + """
+#define __global__
+#define __device__
+#define __forceinline__ inline
+#define __shared__ static
+#define __grid_constant__
+struct dim3 { unsigned int x, y, z; };
+struct float4 { float x, y, z, w; };
+extern const dim3 threadIdx;
+extern const dim3 blockIdx;
+extern const dim3 blockDim;
+struct __nv_bfloat16 { __nv_bfloat16(); __nv_bfloat16(float); operator float() const; };
+struct __half { __half(); __half(float); operator float() const; };
+float __shfl_xor_sync(unsigned int, float, int);
+unsigned int __shfl_xor_sync(unsigned int, unsigned int, int);
+unsigned int __shfl_up_sync(unsigned int, unsigned int, unsigned int);
+float __uint_as_float(unsigned int);
+unsigned int __float_as_uint(float);
+float expf(float);
+float rsqrtf(float);
+float fmaxf(float, float);
+int __clz(int);
+unsigned int atomicAdd(unsigned int*, unsigned int);
+void __syncthreads();
+namespace cooperative_groups {}
+namespace mlx { namespace core { namespace cu {
+template <typename T, int N> struct Array { T operator[](int) const; };
+using Shape = Array<int32_t, 8>;
+using Strides = Array<int64_t, 8>;
+} } }
+#define inf (__builtin_inff())
+"""
+
+
+def _mentions(body: str, name: str) -> bool:
+    return re.search(rf"\b{re.escape(name)}\b", body) is not None
+
+
+def _constants(launch: build.Launch, types: dict) -> str:
+    lines = []
+    for name, value in launch.template:
+        if isinstance(value, bool):
+            lines.append(f"  constexpr bool {name} = {'true' if value else 'false'};")
+        elif isinstance(value, int):
+            lines.append(f"  constexpr int {name} = {value};")
+        else:
+            lines.append(f"  using {name} = {types[value]};")
+    return "\n".join(lines)
+
+
+def metal_translation_unit(launch: build.Launch) -> str:
+    """The kernel as `mx.fast.metal_kernel` would generate it (template arguments as constants)."""
+    interface, body = build.KERNELS[launch.kernel], build.body(launch.kernel)
+    params = []
+    for name, array in zip(interface.inputs, launch.inputs):
+        params.append(f"const device {METAL_TYPES[array.dtype]}* {name}")
+        if _mentions(body, f"{name}_shape"):
+            params.append(f"const constant int* {name}_shape")
+    for name, dtype in zip(interface.outputs, launch.output_dtypes):
+        params.append(f"device {METAL_TYPES[dtype]}* {name}")
+    params += [f"{kind} {attr}" for attr, kind in METAL_ATTRIBUTES.items() if _mentions(body, attr)]
+    signature = ",\n    ".join(params)
+    return (f"{METAL_STUB}\n{build.header()}\n"
+            f"void dsv4_{launch.kernel}(\n    {signature}) {{\n{_constants(launch, METAL_TYPES)}\n{body}\n}}\n")
+
+
+def cuda_translation_unit(launch: build.Launch) -> str:
+    """The kernel as `mx.fast.cuda_kernel` would generate it."""
+    interface, body = build.KERNELS[launch.kernel], build.body(launch.kernel)
+    params = []
+    for name, array in zip(interface.inputs, launch.inputs):
+        params.append(f"const {CUDA_TYPES[array.dtype]}* {name}")
+        if _mentions(body, f"{name}_shape"):
+            params.append(f"const __grid_constant__ Shape {name}_shape")
+    for name, dtype in zip(interface.outputs, launch.output_dtypes):
+        params.append(f"{CUDA_TYPES[dtype]}* {name}")
+    signature = ",\n    ".join(params)
+    return (f"{CUDA_STUB}\n{build.header()}\nnamespace mlx::core::cu {{\nnamespace cg = cooperative_groups;\n"
+            f"__global__ void dsv4_{launch.kernel}(\n    {signature}) {{\n{_constants(launch, CUDA_TYPES)}\n"
+            f"{body}\n}}\n}}\n")
+
+
+def _example_launches() -> list[tuple[str, build.Launch]]:
+    """The launches of every code path, at the Flash sizes (planning builds arrays, runs nothing)."""
+    bf16, u8 = mx.bfloat16, mx.uint8
+    B, H, D, rd, K = 2, 64, 512, 64, 512
+    q = mx.zeros((B, 1, H, D), bf16)
+    wkv, wpos = mx.zeros((B, 145, D), bf16), mx.zeros((145,), mx.int32)
+    pos, sink = mx.array([300], mx.int32), mx.zeros((H,), mx.float32)
+    fp8 = kernels.Fp8Entries(mx.zeros((B, 512, D - rd), u8), mx.zeros((B, 512, (D - rd) // 64), u8),
+                             mx.zeros((B, 512, rd), bf16), 75)
+    sel = mx.zeros((B, 1, K), mx.int32)
+    attention = {"q": q, "window_kv": wkv, "window_positions": wpos, "window": 128, "positions": pos,
+                 "sink": sink, "scale": D ** -0.5}
+    out = [
+        ("attention fp8 selected", kernels.plan_sparse_attention(entries=fp8, selection=sel, ratio=4, **attention)),
+        ("attention fp8 all visible, split", kernels.plan_sparse_attention(entries=fp8, selection=None, ratio=128,
+                                                                         splits=4, **attention)),
+        ("attention dense float32", kernels.plan_sparse_attention(
+            **{**attention, "q": q.astype(mx.float32), "window_kv": wkv.astype(mx.float32)},
+            entries=mx.zeros((B, 40, D), mx.float32), selection=None, ratio=128, splits=1)),
+        ("attention window only", kernels.plan_sparse_attention(entries=None, selection=None, ratio=0, **attention)),
+        ("attention combine", kernels.plan_attention_combine(mx.zeros((B, 4, H, D), mx.float32),
+                                                             mx.zeros((B, 4, H, 2), mx.float32), sink, q.shape, bf16)),
+    ]
+    qi, wi = mx.zeros((B, 1, 64, 128), bf16), mx.zeros((B, 1, 64), bf16)
+    fp4 = kernels.Fp4Keys(mx.zeros((B, 1024, 64), u8), mx.zeros((B, 1024, 4), u8), 1000)
+    out += [
+        ("indexer scores fp4", kernels.plan_indexer_scores(qi, wi, fp4, pos, 4)),
+        ("indexer scores dense", kernels.plan_indexer_scores(qi.astype(mx.float32), wi.astype(mx.float32),
+                                                             mx.zeros((B, 300, 128), mx.float32), pos, 4)),
+        ("top-k", kernels.plan_topk(mx.zeros((B, 1000), mx.float32), pos, 1000, 4, 512)),
+    ]
+    x = mx.zeros((B, 1, 4, 4096), bf16)
+    fn, base, scale = mx.zeros((24, 4 * 4096), mx.float32), mx.zeros((24,), mx.float32), mx.zeros((3,), mx.float32)
+    out += [
+        ("hc pre fused", kernels.plan_hc_pre(x, fn, base, scale, 20, 1e-6, 1e-6)),
+        ("hc pre from mixes", kernels.plan_hc_pre(x, fn, base, scale, 20, 1e-6, 1e-6,
+                                                  mixes=mx.zeros((B, 24), mx.float32))),
+        ("hc post", kernels.plan_hc_post(mx.zeros((B, 1, 4096), bf16), x, mx.zeros((B, 1, 4), mx.float32),
+                                         mx.zeros((B, 1, 4, 4), mx.float32))),
+    ]
+    return out
+
+
+EXAMPLES = _example_launches()
+
+
+def _errors(source: str, flavour: str) -> list[str]:
+    unit = cindex.Index.create().parse(f"{flavour}.cpp", args=["-x", "c++", "-std=c++17", "-ferror-limit=0"],
+                                       unsaved_files=[(f"{flavour}.cpp", source)])
+    lines = source.splitlines()
+    found = []
+    for diag in unit.diagnostics:
+        if diag.severity >= cindex.Diagnostic.Error:
+            line = diag.location.line
+            found.append(f"{flavour}:{line}: {diag.spelling}\n    {lines[line - 1].strip() if line else ''}")
+    return found
+
+
+@pytest.mark.parametrize("label", [label for label, _ in EXAMPLES])
+@pytest.mark.parametrize("flavour", ["metal", "cuda"])
+def test_kernel_source_compiles(label: str, flavour: str) -> None:
+    launch = dict(EXAMPLES)[label]
+    unit = metal_translation_unit(launch) if flavour == "metal" else cuda_translation_unit(launch)
+    errors = _errors(unit, flavour)
+    assert not errors, "\n".join(errors)
+
+
+def test_every_kernel_is_exercised_and_has_a_source() -> None:
+    planned = {launch.kernel for _, launch in EXAMPLES}
+    assert planned == set(build.KERNELS)
+    sources = {p.name[:-len(".metal")] for p in build.source_files() if p.name.endswith(".metal")}
+    assert sources == set(build.KERNELS)
+
+
+def test_a_typo_is_caught() -> None:
+    """The check itself must be able to fail."""
+    launch = dict(EXAMPLES)["hc post"]
+    unit = cuda_translation_unit(launch).replace("static_cast<T>(pj * o[k] + mixed)", "static_cast<T>(pj * o[k] + mixd)")
+    assert any("mixd" in e for e in _errors(unit, "cuda"))
+    unit = metal_translation_unit(launch).replace("DSV4_FN float dsv4_e8m0", "DSV4_FN float dsv4_e8m0 oops")
+    assert _errors(unit, "metal")
