@@ -468,7 +468,8 @@ def profile_once() -> None:
 
 # --- a real-size layer ----------------------------------------------------------------------------------
 
-FLASH = dict(model_type="deepseek_v4", vocab_size=129280,  # noqa: C408  (config.json keys read best as kwargs) hidden_size=4096, num_hidden_layers=43,
+# config.json keys read best as kwargs
+FLASH = dict(model_type="deepseek_v4", vocab_size=129280, hidden_size=4096, num_hidden_layers=43,  # noqa: C408
              num_attention_heads=64, head_dim=512, qk_rope_head_dim=64, q_lora_rank=1024, o_lora_rank=1024,
              o_groups=8, sliding_window=128, compress_ratios=[0, 0] + [4, 128] * 20 + [4, 0], index_n_heads=64,
              index_head_dim=128, index_topk=512, n_routed_experts=256, num_experts_per_tok=6,

@@ -102,18 +102,17 @@ def recipe_rows(config: dict[str, Any]) -> list[dict[str, Any]]:
 def _recipe_rows(config_json: str) -> tuple[dict[str, Any], ...]:
     """Cached: planning every recipe of Flash takes a few seconds."""
     from .. import planner
-    from ..convert import RECIPES, build_plan
+    from ..convert import RECIPES
     from ..model import ModelArgs
 
     args = ModelArgs.from_dict(json.loads(config_json))
+    tables = {size: {fit.recipe: fit for fit in planner.recipe_table(size, args)} for size in MAC_SIZES_GB}
     rows = []
     for name, recipe in RECIPES.items():
-        weights = build_plan(args, recipe).total_bytes
-        row: dict[str, Any] = {"recipe": name, "weights_bytes": weights, "description": recipe.summary}
+        row: dict[str, Any] = {"recipe": name, "weights_bytes": tables[MAC_SIZES_GB[0]][name].weights_bytes,
+                               "description": recipe.summary}
         for size in MAC_SIZES_GB:
-            row[f"{size}GB"] = {
-                "context": planner.plan(args, weights, planner.mac(size)).max_context,
-                "context_raised_limit": planner.plan(args, weights, planner.mac(size, raised_limit=True)).max_context,
-            }
+            fit = tables[size][name]
+            row[f"{size}GB"] = {"context": fit.max_context, "context_raised_limit": fit.max_context_raised}
         rows.append(row)
     return tuple(rows)
