@@ -123,3 +123,16 @@ def test_walkthrough_runs_on_the_bundled_model(tmp_path, monkeypatch, capsys):
     assert "prefilled" in out and "tool result" in out.lower()
     assert any(p.suffix == ".safetensors" for p in tmp_path.iterdir())
     assert os.path.exists(EXAMPLES / "README.md")
+
+
+def test_model_works_with_mlx_lm_stream_generate(demo):
+    """The model follows mlx-lm's conventions: mlx-lm's own generation loop drives it unchanged."""
+    from mlx_lm.generate import stream_generate as mlx_lm_stream_generate
+    from mlx_lm.sample_utils import make_sampler
+
+    model, tokenizer = demo
+    ours = [r.token for r in stream_generate(model, tokenizer, [0, 300, 301, 302], max_tokens=8, temperature=0.0,
+                                             mtp=False)]
+    theirs = [r.token for r in mlx_lm_stream_generate(model, tokenizer.to_mlx(), [0, 300, 301, 302], max_tokens=8,
+                                                      sampler=make_sampler(temp=0.0))]
+    assert theirs[:len(ours)] == ours and len(theirs) >= len(ours) > 0
