@@ -1,17 +1,25 @@
 """Check and time the GPU kernels against the pure-MLX reference (run on a GPU machine).
 
-    PYTHONUNBUFFERED=1 python3 bench/kernels_gpu.py --out $OUT [--sections check,time,layer] [--quick]
+    PYTHONUNBUFFERED=1 python3 bench/kernels_gpu.py --out $OUT [--sections check,time,layer] [--contexts ...]
+    python3 bench/kernels_gpu.py --sections layer --simulate --contexts 4096   # node counts on a CPU
 
 Sections:
 - check: every kernel against its reference across shapes (decode and prefill, 0 to 300K compressed
   entries, -1 slots and empty window slots, batch > 1); prints max / relative errors and fails loudly.
+- decode: only the decode-step kernels' part of `check` (rope_rows, decode_gemv, moe_route, swiglu,
+  compressor_emit, and their self-checks).
 - time:  each kernel against the MLX-op reference path on the same inputs (median of timed calls,
   each call = graph build + dispatch + synchronize, i.e. what the model pays per step).
-- layer: one real-size Flash Block decode step (random weights) at 4K / 64K / 256K context with the
-  kernels on (model as is, and with the FP8/FP4 stores handed to the dispatcher) and off; primitive-graph
-  nodes per step; bytes moved per token vs an M3 Ultra.
+- layer: one real-size Flash Block decode step (random weights) at 4K / 64K / 256K context: the model's
+  GPU path, the same without the decode-step kernels, and the reference; primitive-graph nodes of a plain
+  step and of a block-completing step; the layer output of kernels vs reference; bytes moved per token
+  vs an M3 Ultra. With --simulate (CPU) only the node counts, each kernel standing as one node.
 - sweep: the attention's launch shapes (heads per threadgroup / SIMD-group, splits) at 256K, each checked.
 - profile: each kernel twice at its Flash decode size, for `ncu -k regex:dsv4 ...` to wrap.
+- compare: a ratio-4 layer's decode step in the three modes of `layer` from identical inputs, with its
+  own selection and with the indexer's selection pinned to the reference's.
+- ops: where a ratio-4 layer's decode step goes: graph building vs the rest, and each of its operations
+  alone (CPU build time, synced call, 20 calls in flight).
 Everything printed is also written to $OUT/kernels_gpu.log.
 """
 # The timing lambdas close over loop variables on purpose: each is called (and done) inside its iteration.
@@ -24,6 +32,7 @@ import math
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -306,6 +315,129 @@ def numpy_hc_pre(x, fn, base, scale, hc, iters, hc_eps, norm_eps):
     return tuple(mx.array(a.astype(np.float32)) for a in (y, post, comb))
 
 
+def check_decode_kernels() -> None:
+    """The decode-step kernels (rope_rows, decode_gemv, moe_route, swiglu, compressor_emit) against the
+    model's reference ops, at Flash sizes; quantized outputs also by how many FP8 / FP4 codes agree."""
+    from dsv4_mlx.attention.rope import _pair_constants, rope_frequencies, rope_table
+
+    say("\n== decode-step kernels vs reference ==")
+    freqs = rope_frequencies(64, 160000.0, FLASH["rope_scaling"])
+    bf16 = mx.bfloat16
+
+    def report(label: str, got: mx.array, want: mx.array, tol: float, same_min: float | None = None) -> None:
+        rel, worst = rel_err(got, want)
+        same = float(np.mean(np.array(got.astype(mx.float32)) == np.array(want.astype(mx.float32))))
+        ok = rel <= tol and (same_min is None or same >= same_min)
+        say(f"  {label:44s} rel {rel:.2e} max|err| {worst:.2e} identical {same * 100:6.2f}% "
+            f"(tol {tol:g}{'' if same_min is None else f', >= {same_min * 100:g}% identical'})")
+        expect(ok, f"{label}: rel {rel:.2e}, identical {same:.4f}")
+
+    for positions in ([262143], [5, 70001, 262145]):
+        pos = mx.array(positions, mx.int32)
+        table = rope_table(pos, freqs)
+        s = len(positions)
+        for dtype, tol in ((bf16, 8e-3), (mx.float32, 1e-6)):
+            q = mx.random.normal((2, s, 64, 512)).astype(dtype) * 3
+            report(f"attention_query S={s} {dtype}", kernels.rope_rows(q, table.cos, table.sin, 64, norm=True, eps=1e-6),
+                   reference.attention_query(q, table, 1e-6), tol)
+            report(f"rope inverse S={s} {dtype}", kernels.rope_rows(q, table.cos, table.sin, 64, inverse=True),
+                   reference.rope_rows(q, table, True), tol)
+        kv = mx.random.normal((2, s, 512)).astype(bf16)
+        w = (1 + 0.2 * mx.random.normal((512,))).astype(bf16)
+        report(f"attention_kv S={s} (norm + rope + fp8)",
+               kernels.rope_rows(kv, table.cos, table.sin, 1, fp8=True, norm_weight=w, eps=1e-6),
+               reference.attention_kv(kv, table, w, 1e-6), 2e-2, 0.99)
+        # The kernel's Hadamard runs in float32 and rounds once (as DeepSeek's fast_hadamard_transform);
+        # MLX's bfloat16 hadamard_transform may round after each stage: some FP4 codes then differ.
+        for dtype, tol, same in ((bf16, 0.1, 0.9), (mx.float32, 1e-2, 0.995)):
+            qi = mx.random.normal((2, s, 64, 128)).astype(dtype)
+            report(f"indexer_query S={s} {dtype} (rope+hadamard+fp4)",
+                   kernels.rope_rows(qi, table.cos, table.sin, 64, hadamard=True, fp4=True,
+                                     hadamard_scale=128 ** -0.5),
+                   reference.indexer_query(qi, table), tol, same)
+
+    def truth_gemv(x, w, scale=1.0):
+        return mx.array((np.array(x.astype(mx.float32), np.float64) @ np.array(w.astype(mx.float32), np.float64).T
+                         * scale).astype(np.float32))
+
+    for batch, n_old, cut in ((1, 21, 4), (2, 24, 0), (1, 0, 0)):
+        x = mx.random.normal((batch, 1, 4096)).astype(bf16)
+        wkv, wgate = (mx.random.normal((1024, 4096)) * 0.02).astype(bf16), (mx.random.normal((1024, 4096)) * 0.02).astype(bf16)
+        ape = mx.random.normal((4, 1024))
+        bufs = (mx.random.normal((batch, n_old, 1024)), mx.random.normal((batch, n_old, 1024))) if n_old else (None, None)
+        pos = mx.array([4099], mx.int32)
+        got = kernels.decode_gemv(x.reshape(batch, -1), wkv, wgate, add_b=ape, add_row=4099 % 4, buf_a=bufs[0],
+                                  buf_b=bufs[1], cut=cut)
+        want = reference.compressor_extend(x, wkv, wgate, ape, pos, 4, bufs[0], bufs[1], cut)
+        new_kv = truth_gemv(x.reshape(batch, -1), wkv)
+        report(f"compressor_extend B={batch} n={n_old} cut={cut}: kv", got[0], want[0], 3e-3)
+        report("   its new row vs float64", got[0][:, -1], new_kv, 1e-5)
+        report("   gate (with ape)", got[1], want[1], 3e-3)
+    x = mx.random.normal((3, 4096)).astype(bf16)
+    w = (mx.random.normal((64, 4096)) * 0.02).astype(bf16)
+    report("scaled_projection (64 x 4096, bf16 out)", kernels.decode_gemv(x, w, scale=0.011, out_dtype=bf16)[0][:, 0],
+           truth_gemv(x, w, 0.011), 8e-3)
+    xh = mx.random.normal((2, 16384)).astype(bf16)
+    fn = mx.random.normal((24, 16384)) * 0.01
+    report("hc mixes (24 x 16384 float32)", kernels.decode_gemv(xh, fn)[0][:, 0], truth_gemv(xh, fn), 1e-5)
+    wr = (mx.random.normal((256, 4096)) * 0.02).astype(bf16)
+    report("router projection (256 x 4096)", kernels.decode_gemv(x, wr)[0][:, 0], truth_gemv(x, wr), 1e-5)
+
+    mix = mx.random.normal((5, 256)) * 2
+    bias = mx.random.normal((256,)) * 0.1
+    ids, weights = kernels.plan_moe_route(mix, bias, 6, 1.5).run()
+    mixn, biasn = np.array(mix, np.float64), np.array(bias, np.float64)
+    score = np.sqrt(np.logaddexp(mixn, 0.0))
+    top = np.argsort(-(score + biasn), axis=-1, kind="stable")[:, :6]
+    same_sets = all(set(np.array(ids)[r].tolist()) == set(top[r].tolist()) for r in range(5))
+    picked = np.take_along_axis(score, np.array(ids).astype(np.int64), axis=-1)
+    want_w = picked / picked.sum(-1, keepdims=True) * 1.5
+    rel = float(np.abs(np.array(weights) - want_w).max() / np.abs(want_w).max())
+    say(f"  {'moe_route (256 experts, top 6, 5 rows)':44s} sets {'equal' if same_sets else 'DIFFER'} to float64, "
+        f"weights max rel {rel:.1e}")
+    expect(same_sets and rel < 1e-5, "moe_route")
+
+    gate = (mx.random.normal((1, 1, 6, 1, 2048)) * 6).astype(bf16)
+    up = (mx.random.normal((1, 1, 6, 1, 2048)) * 6).astype(bf16)
+    wts = mx.random.uniform(shape=(1, 1, 6))
+    report("swiglu routed (clamp 10, weights)", kernels.plan_swiglu(gate, up, wts.reshape(-1), 10.0, bf16).run()[0],
+           reference.swiglu(gate, up, wts, 10.0, bf16), 8e-3)
+    report("swiglu shared (no clamp)", kernels.plan_swiglu(gate[:, :, 0, 0], up[:, :, 0, 0], None, 0.0, bf16).run()[0],
+           reference.swiglu(gate[:, :, 0, 0], up[:, :, 0, 0], None, 0.0, bf16), 8e-3)
+
+    cases = [  # (label, dims, ratio, overlap, fp4, batch, start, first, count, dtype, least identical)
+        ("emit r4 FP8 entry 1025", 512, 4, True, False, 2, 4092, 1025, 1, bf16, 0.99),
+        ("emit r4 FP8 entries 0-2 (prefill)", 512, 4, True, False, 1, 0, 0, 3, bf16, 0.99),
+        ("emit r128 FP8 entry 31", 512, 128, False, False, 1, 3968, 31, 1, bf16, 0.99),
+        ("emit r4 FP4 indexer entry 1025 bf16", 128, 4, True, True, 2, 4092, 1025, 1, bf16, 0.9),
+        ("emit r4 FP4 indexer entry 1025 float32", 128, 4, True, True, 2, 4092, 1025, 1, mx.float32, 0.99),
+    ]
+    for label, dims, ratio, overlap, fp4, batch, start, first, count, dtype, least in cases:
+        width = (2 if overlap else 1) * dims
+        n = first * ratio - start + count * ratio
+        kv, gate_ = mx.random.normal((batch, n, width)), mx.random.normal((batch, n, width)) * 2
+        weight = (1 + 0.2 * mx.random.normal((dims,))).astype(dtype)
+        got = Fp4EntryStore() if fp4 else Fp8EntryStore(64)
+        encoded = kernels.plan_compressor_emit(kv, gate_, first * ratio - start, first, count, ratio, overlap, weight,
+                                               1e-6, _pair_constants(freqs)[0], fp4, dtype).run()
+        got.append_encoded(*encoded[:2]) if fp4 else got.append_encoded(*encoded)
+        want = Fp4EntryStore() if fp4 else Fp8EntryStore(64)
+        table = rope_table(mx.arange(first, first + count) * ratio, freqs)
+        want.append(reference.compressor_entries(kv, gate_, start, first, count, ratio, overlap, weight, 1e-6, table,
+                                                 fp4, dtype))
+        report(label + " (decoded)", got.dequantize(mx.float32), want.dequantize(mx.float32), 0.1 if least < 0.99 else 2e-2)
+        for name in ("packed", "scales") if fp4 else ("codes", "scales", "rope"):
+            a, b = (getattr(store, name)[:, :count] for store in (got, want))
+            same = float(np.mean(np.array(a.astype(mx.float32)) == np.array(b.astype(mx.float32))))
+            say(f"      {name}: {same * 100:.2f}% identical")
+            expect(same >= (least if name != "scales" else 0.9), f"{label} {name}: {same:.3f} identical")
+    failures = getattr(dispatch, "kernel_failures", {})
+    for name in ("rope_rows", "decode_gemv", "moe_route", "swiglu", "compressor_emit"):
+        ok = dispatch.kernel_ok(name)
+        say(f"  self-check {name}: {'passed' if ok else 'FAILED: ' + failures.get(name, '?')}")
+        expect(ok, f"self-check {name}")
+
+
 # --- timing -----------------------------------------------------------------------------------------
 
 def timed(fn, reps: int = 20, warmup: int = 3, batch: int = 1) -> float:
@@ -534,26 +666,52 @@ def _fill_buffer(buffer, ctx: int, ratio: int, width: int, batch: int, rollback:
     buffer.load([mx.random.normal((batch, n, width)), mx.random.normal((batch, n, width))], start)
 
 
-def _hand_over_stores(cache: LayerCache) -> None:
-    """Make the layer pass its FP8 / FP4 stores to the dispatcher instead of dequantized copies (what
-    `Attention` / `Indexer` would do with `entries = cache.entries` and `keys = cache.index_keys`)."""
-    for store in (cache.entries, cache.index_keys):
-        if store is not None:
-            store.dequantize = lambda dtype, store=store: store if store.count else None
+def _cache_arrays(cache: LayerCache) -> list[mx.array]:
+    """Every array the cache holds (whole capacity, no slicing: `state` would add slice nodes)."""
+    out = []
+    for part in cache._parts():
+        for name in ("kv", "positions", "codes", "scales", "rope", "packed", "gate"):
+            array = getattr(part, name, None) if part is not None else None
+            if isinstance(array, mx.array):
+                out.append(array)
+    return out
 
 
-def step_nodes(block, cache, x, ids, positions, path: Path) -> tuple[int, int, dict]:
-    h = block(x, ids, positions, cache)
-    mx.export_to_dot(str(path), h, *cache.state)
+def graph_nodes(outputs: list[mx.array], path: Path) -> tuple[int, int, dict]:
+    """(all nodes, compute nodes, nodes by primitive) of the graph that computes `outputs`."""
+    mx.export_to_dot(str(path), *outputs)
     labels: dict[str, int] = {}
     for line in path.read_text().splitlines():
         if "shape=rectangle" in line:
             name = line.split('label ="', 1)[1].split('"', 1)[0]
+            name = {"Depends": "CustomKernel"}.get(name, name)  # --simulate stands a Depends in for a kernel
             labels[name] = labels.get(name, 0) + 1
-    mx.eval(h, cache.state)
     total = sum(labels.values())
     compute = sum(v for k, v in labels.items() if k not in VIEW_PRIMITIVES)
     return total, compute, labels
+
+
+def simulate_kernels() -> None:
+    """CPU stand-ins with the GPU graph's structure: each kernel launch (and each mx.fast.rms_norm, one
+    primitive on a GPU) becomes one node, so the CPU counts the nodes a GPU step would build."""
+    def one_node(shapes, dtypes, inputs):
+        outs = [mx.array(np.zeros(tuple(sh), np.float32)).astype(dt) for sh, dt in zip(shapes, dtypes)]
+        mx.eval(outs)
+        return mx.depends(outs, [i for i in inputs if i is not None])
+
+    dispatch._build.Launch.run = lambda self, gpu=None: one_node(self.output_shapes, self.output_dtypes, self.inputs)
+    mx.fast.rms_norm = lambda x, w, eps: one_node([x.shape], [x.dtype], [x, w])[0]
+    dispatch.kernels_enabled = lambda: True
+    dispatch.kernel_ok = lambda name: True
+    from mlx import nn
+
+    from dsv4_mlx.model import deepseek_v4
+
+    deepseek_v4.MXLinear.__call__ = nn.QuantizedLinear.__call__  # the GPU's quantized matmul, not the CPU's dense one
+    FLASH.update(n_routed_experts=32, moe_intermediate_size=256)  # the same graph as 256 x 2048, in CPU memory
+
+
+NEW_DECODE_KERNELS = ("rope_rows", "decode_gemv", "moe_route", "swiglu", "compressor_emit")
 
 
 def layer_bytes(block, cache, args, ratio: int) -> float:
@@ -574,49 +732,229 @@ def layer_bytes(block, cache, args, ratio: int) -> float:
     return total
 
 
-def time_layers(contexts: list[int], out_dir: Path) -> None:
-    say("\n== a Flash layer, one decode step (B=1), kernels on vs off ==")
+def time_layers(contexts: list[int], out_dir: Path, simulated: bool = False, steps: int = 20) -> None:
+    """One Flash layer's decode steps at batch 1. Modes: the model's GPU path ("kernels"), the same with
+    the decode-step kernels turned off ("earlier kernels": attention, indexer and hc kernels only, the
+    rest as MLX ops), and the reference (MLX ops everywhere). Steps 0, 3 and 7 are counted (3 and 7
+    complete a ratio-4 block, and at a context that is a multiple of 1024 step 3 also grows the stores
+    by 256 entries), steps 4 .. 19 are timed (every fourth completes a ratio-4 block). The
+    per-token RoPE table (5 nodes, built once per step and shared by all 43 layers) is built before each
+    step, as the first layer of a model step would have built it."""
+    from dsv4_mlx.attention.rope import rope_table
+
+    say("\n== a Flash layer, one decode step (B=1): graph nodes and time ==")
+    dots = Path(tempfile.mkdtemp(prefix="dsv4_dots_"))  # graph dumps stay out of --out (few files come back)
+    modes = ("kernels",) if simulated else ("kernels", "earlier kernels", "reference")
     for layer_id in (4, 3):
         args, block = flash_block(layer_id)
         ratio = args.compress_ratio(layer_id)
         for ctx in contexts:
-            results = {}
-            for mode in ("kernels+stores", "kernels", "reference"):
+            results, first_out = {}, {}
+            for mode in modes:
                 dispatch.force_reference(mode == "reference")
+                saved = dict(dispatch._checked)
+                if mode == "earlier kernels":
+                    dispatch._checked.update({name: False for name in NEW_DECODE_KERNELS})
+                mx.random.seed(ctx + layer_id)
                 cache = filled_cache(args, layer_id, ctx)
-                if mode == "kernels+stores":
-                    _hand_over_stores(cache)
                 x = mx.random.normal((1, 1, args.hc_mult, args.hidden_size)).astype(mx.bfloat16)
                 ids = mx.array([[7]])
-                nodes = step_nodes(block, cache, x, ids, mx.array([ctx], mx.int32),
-                                   out_dir / f"layer{layer_id}_{ctx}_{mode}.dot")
-                times = []
-                for i in range(1, 14):
+                mx.eval(x)
+                nodes, times = {}, []
+                for i in range(max(4, steps)):
                     pos = mx.array([ctx + i], mx.int32)
+                    mx.eval(*rope_table(pos, block.attn._freqs))
                     mx.synchronize()
                     t0 = time.perf_counter()
                     h = block(x, ids, pos, cache)
-                    mx.eval(h, cache.state)
+                    if i in (0, 3, 7):
+                        dot = dots / f"layer{layer_id}_{ctx}_{mode.replace(' ', '_')}_{i}.dot"
+                        nodes[i] = graph_nodes([h, *_cache_arrays(cache)], dot)
+                    mx.eval(h, *_cache_arrays(cache))
                     mx.synchronize()
                     times.append(time.perf_counter() - t0)
-                results[mode] = (statistics.median(times[3:]), nodes)
-                if mode == "kernels":
+                    if i == 0:
+                        first_out[mode] = h
+                dispatch._checked.clear()
+                dispatch._checked.update(saved)
+                timed_steps = times[4:] or times
+                results[mode] = (statistics.median(timed_steps), statistics.mean(timed_steps), nodes)
+                if mode == "kernels" and not simulated:
                     nbytes = layer_bytes(block, cache, args, ratio)
             dispatch.force_reference(None)
-            (ts, ns), (tk, nk), (tr, nr) = results["kernels+stores"], results["kernels"], results["reference"]
-            say(f"  layer {layer_id} (ratio {ratio}) ctx {ctx // 1024:3d}K: kernels+stores {ts * 1e3:6.2f} ms "
-                f"({ns[1]} compute nodes / {ns[0]} total), kernels {tk * 1e3:6.2f} ms ({nk[1]} / {nk[0]}), "
-                f"reference {tr * 1e3:6.2f} ms ({nr[1]} / {nr[0]}); bytes/token {nbytes / 1e6:6.1f} MB -> "
-                f"M3 Ultra floor {nbytes / M3_ULTRA_BYTES_PER_S * 1e3:.2f} ms, H100 here {nbytes / ts / 1e9:.0f} GB/s")
+            parts = []
+            for mode in modes:
+                med, mean, nodes = results[mode]
+                timing = "" if simulated else f"{med * 1e3:6.3f} ms (mean {mean * 1e3:6.3f}), "
+                parts.append(f"{mode} {timing}{nodes[0][1]} compute / {nodes[0][0]} nodes, "
+                             f"block-completing step {nodes[7][1]} / {nodes[7][0]} "
+                             f"(with store growth {nodes[3][1]} / {nodes[3][0]})")
+            say(f"  layer {layer_id} (ratio {ratio}) ctx {ctx // 1024}K: " + "; ".join(parts))
+            if not simulated:
+                rel = rel_err(first_out["kernels"], first_out["reference"])[0]
+                say(f"     kernels vs reference, layer output rel {rel:.2e}; bytes/token {nbytes / 1e6:6.1f} MB -> "
+                    f"M3 Ultra floor {nbytes / M3_ULTRA_BYTES_PER_S * 1e3:.2f} ms, H100 here "
+                    f"{nbytes / results['kernels'][0] / 1e9:.0f} GB/s")
+                expect(rel < 3e-2, f"layer {layer_id} ctx {ctx}: kernels vs reference rel {rel:.2e}")
             if ctx == contexts[0]:
-                top = sorted(ns[2].items(), key=lambda kv: -kv[1])[:12]
-                say("     kernels+stores nodes by primitive:", ", ".join(f"{k} {v}" for k, v in top))
-                top = sorted(nk[2].items(), key=lambda kv: -kv[1])[:12]
-                say("     kernel-path nodes by primitive:", ", ".join(f"{k} {v}" for k, v in top))
-                top = sorted(nr[2].items(), key=lambda kv: -kv[1])[:12]
-                say("     reference-path nodes by primitive:", ", ".join(f"{k} {v}" for k, v in top))
+                for mode in modes:
+                    for step in (0, 7):
+                        top = sorted(results[mode][2][step][2].items(), key=lambda kv: -kv[1])
+                        say(f"     {mode}, step {step}, nodes by primitive: " + ", ".join(f"{k} {v}" for k, v in top))
         del block
         mx.clear_cache()
+
+
+def profile_layer_ops() -> None:
+    """Where a ratio-4 layer's decode step (4K) spends its time: the step split into graph building
+    (Python + MLX op calls, no evaluation) and the rest; then each operation of the step alone at its
+    real size: CPU time to build it, one call synced, and GPU-bound time with 20 calls in flight."""
+    from dsv4_mlx.attention import dispatch as ops
+    from dsv4_mlx.attention.rope import rope_table
+    from dsv4_mlx.model.deepseek_v4 import gathered_matmul
+
+    say("\n== where a ratio-4 layer's decode step goes (4K context, B=1) ==")
+    args, block = flash_block(4)
+    cache = filled_cache(args, 4, 4096)
+    bf16 = mx.bfloat16
+    x = mx.random.normal((1, 1, 4, 4096)).astype(bf16)
+    ids = mx.array([[7]])
+    mx.eval(x)
+    builds, totals = [], []
+    for i in range(16):
+        pos = mx.array([4096 + i], mx.int32)
+        mx.eval(*rope_table(pos, block.attn._freqs))
+        mx.synchronize()
+        t0 = time.perf_counter()
+        h = block(x, ids, pos, cache)
+        t1 = time.perf_counter()
+        mx.eval(h, *_cache_arrays(cache))
+        mx.synchronize()
+        builds.append(t1 - t0)
+        totals.append(time.perf_counter() - t0)
+    say(f"  whole step: {statistics.median(totals[4:]) * 1e3:.3f} ms median, of which building the graph "
+        f"{statistics.median(builds[4:]) * 1e3:.3f} ms (Python + MLX op calls, before evaluation)")
+
+    a, ffn = block.attn, block.ffn
+    xn = mx.random.normal((1, 1, 4096)).astype(bf16)
+    qr = a.q_norm(a.wq_a(xn))
+    pos = mx.array([4100], mx.int32)
+    table = rope_table(pos, a._freqs)
+    q = a.wq_b(qr).reshape(1, 1, 64, 512)
+    kv = a.wkv(xn)
+    qi = a.indexer.wq_b(qr).reshape(1, 1, 64, 128)
+    o4 = mx.random.normal((1, 1, 8, 4096)).astype(bf16)
+    o2 = mx.random.normal((1, 1, 8192)).astype(bf16)
+    idx = mx.array([[[3, 17, 40, 99, 150, 201]]], mx.uint32)
+    xe = mx.expand_dims(xn, (-2, -3))
+    g = gathered_matmul(ffn.experts.w1, xe, idx)
+    hid = mx.random.normal((1, 1, 6, 1, args.moe_intermediate_size)).astype(bf16)
+    sh = mx.random.normal((1, 1, args.moe_intermediate_size * args.n_shared_experts)).astype(bf16)
+    buf = cache.compressor_buffer
+    comp = a.compressor
+    hc_in = mx.random.normal((1, 1, 4, 4096)).astype(bf16)
+    y, post, comb = block.hc_attn.pre(hc_in)
+    wkv, wpos = cache.window.kv, cache.window.positions
+    sel = selection_for(1, np.array([4100]), 4, 512, cache.entries.count, False)
+    wts = mx.random.uniform(shape=(1, 1, 6))
+    mx.eval(qr, table, q, kv, qi, o4, o2, g, hid, sh, y, post, comb, sel, wts)
+    rows = [
+        ("hc_pre (gemv + kernel)", lambda: block.hc_attn.pre(hc_in)),
+        ("hc_post kernel", lambda: block.hc_attn.post(xn, hc_in, post, comb)),
+        ("RMSNorm 4096", lambda: block.attn_norm(xn)),
+        ("wq_a 4096->1024 mxfp8", lambda: a.wq_a(xn)),
+        ("q_norm + wq_b 1024->32768 mxfp8", lambda: a.wq_b(a.q_norm(qr))),
+        ("wkv 4096->512 mxfp8", lambda: a.wkv(xn)),
+        ("attention_query kernel", lambda: ops.attention_query(q, table, a.eps)),
+        ("attention_kv kernel", lambda: ops.attention_kv(kv, table, a.kv_norm.weight, a.kv_norm.eps)),
+        ("compressor_extend gemv (2 x 1024 x 4096)", lambda: ops.compressor_extend(
+            xn, comp.wkv.weight, comp.wgate.weight, comp.ape, pos, 4, buf.kv, buf.gate, 0, 4100)),
+        ("indexer wq_b 1024->8192 mxfp8", lambda: a.indexer.wq_b(qr)),
+        ("indexer_query kernel", lambda: ops.indexer_query(qi, table)),
+        ("scaled_projection gemv (64 x 4096)", lambda: ops.scaled_projection(
+            xn, a.indexer.weights_proj.weight, 0.01, bf16)),
+        ("indexer scores + top-512 (1024 keys)", lambda: ops.indexer_topk(
+            qi, mx.ones((1, 1, 64), bf16), cache.index_keys, pos, 4, 512)),
+        ("sparse attention (145 + 512 keys)", lambda: ops.sparse_attention(
+            q, wkv, wpos, 128, cache.entries, sel, 4, pos, a.attn_sink, 512 ** -0.5)),
+        ("rope inverse kernel", lambda: ops.rope_rows(q, table, True)),
+        ("wo_a gather_qmm 8 x (4096->1024)", lambda: a.wo_a(o4)),
+        ("wo_b 8192->4096 mxfp8", lambda: a.wo_b(o2)),
+        ("moe_route (gemv 256 x 4096 + route)", lambda: ops.moe_route(xn, ffn.gate.weight, ffn.gate.bias, 6, 1.5)),
+        ("routed w1 gather_qmm mxfp4 (6 x 4096->2048)", lambda: gathered_matmul(ffn.experts.w1, xe, idx)),
+        ("swiglu kernel (routed)", lambda: ops.swiglu(g, g, wts, 10.0, bf16)),
+        ("routed w2 gather_qmm mxfp4 (6 x 2048->4096)", lambda: gathered_matmul(ffn.experts.w2, hid, idx)),
+        ("shared w1 4096->2048 mxfp8", lambda: ffn.shared_experts.w1(xn)),
+        ("shared w2 2048->4096 mxfp8", lambda: ffn.shared_experts.w2(sh)),
+        ("a trivial MLX op (x + 1)", lambda: xn + 1),
+    ]
+    say(f"  {'operation':44s} {'build':>8s} {'synced':>8s} {'20 in flight':>13s} (us per call)")
+    total_flight = 0.0
+    for label, fn in rows:
+        try:
+            calls = []
+            for _ in range(30):
+                t0 = time.perf_counter()
+                fn()
+                calls.append(time.perf_counter() - t0)
+            build_us = statistics.median(calls) * 1e6
+            one, flight = timed(fn, reps=10), timed(fn, reps=5, batch=20)
+            total_flight += flight
+            say(f"  {label:44s} {build_us:8.1f} {one * 1e6:8.1f} {flight * 1e6:13.1f}")
+        except Exception as exc:  # noqa: BLE001  report and go on
+            say(f"  {label:44s} error {type(exc).__name__}: {str(exc)[:200]}")
+    say(f"  sum of the in-flight times (one of each; the step runs some twice): {total_flight * 1e6:.0f} us")
+
+
+def compare_layer(contexts: list[int]) -> None:
+    """Ratio-4 layer, one decode step from identical weights, cache and input in three modes (decode path,
+    without the decode kernels, reference); then the same with the indexer's selection pinned (every mode
+    attends to the reference's selection), which separates top-k boundary swaps from everything else."""
+    say("\n== ratio-4 layer: decode path vs without decode kernels vs reference, free and pinned selection ==")
+    args, block = flash_block(4)
+    modes = ("kernels", "earlier kernels", "reference")
+    for ctx in contexts:
+        pinned = {}
+        real_topk = dispatch.indexer_topk
+        for pin in (False, True):
+            outs, sels = {}, {}
+            for mode in modes:
+                dispatch.force_reference(mode == "reference")
+                saved = dict(dispatch._checked)
+                if mode == "earlier kernels":
+                    dispatch._checked.update({name: False for name in NEW_DECODE_KERNELS})
+                mx.random.seed(ctx)
+                cache = filled_cache(args, 4, ctx)
+                x = mx.random.normal((1, 1, args.hc_mult, args.hidden_size)).astype(mx.bfloat16)
+                pos = mx.array([ctx], mx.int32)
+
+                def topk(q, w, keys, positions, ratio, k, mode=mode):
+                    got = real_topk(q, w, keys, positions, ratio, k)
+                    sels[mode] = got
+                    return pinned["sel"] if pin else got
+
+                dispatch.indexer_topk = topk
+                try:
+                    h = block(x, mx.array([[7]]), pos, cache)
+                    mx.eval(h)
+                finally:
+                    dispatch.indexer_topk = real_topk
+                outs[mode] = h
+                dispatch._checked.clear()
+                dispatch._checked.update(saved)
+                if mode == "reference" and not pin:
+                    pinned["sel"] = sels[mode]
+            dispatch.force_reference(None)
+            def swapped(a, b):
+                return len(set(np.array(sels[a]).ravel().tolist()) ^ set(np.array(sels[b]).ravel().tolist())) // 2
+            say(f"  ctx {ctx // 1024}K {'pinned selection' if pin else 'own selection   '}: "
+                f"kernels vs reference {rel_err(outs['kernels'], outs['reference'])[0]:.2e}, "
+                f"kernels vs without {rel_err(outs['kernels'], outs['earlier kernels'])[0]:.2e}, "
+                f"without vs reference {rel_err(outs['earlier kernels'], outs['reference'])[0]:.2e}; "
+                f"ids swapped vs reference: kernels {swapped('kernels', 'reference')}, "
+                f"without {swapped('earlier kernels', 'reference')}")
+    del block
+    mx.clear_cache()
 
 
 def main() -> int:
@@ -624,7 +962,12 @@ def main() -> int:
     parser.add_argument("--out", default=".")
     parser.add_argument("--sections", default="check,time,layer")
     parser.add_argument("--contexts", default="4096,65536,262144")
+    parser.add_argument("--steps", type=int, default=20, help="layer section: decode steps a mode (4 untimed)")
+    parser.add_argument("--simulate", action="store_true",
+                        help="count the layer's graph nodes on the CPU, each kernel standing as one node (no timing)")
     args = parser.parse_args()
+    if args.simulate:
+        simulate_kernels()
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
     contexts = [int(c) for c in args.contexts.split(",")]
@@ -635,19 +978,26 @@ def main() -> int:
     except OSError:
         gpu_name = "?"
     say(f"mlx {mx.__version__}, device {mx.default_device()}, backend {dispatch._build.backend()}, GPU {gpu_name}, "
-        f"kernels enabled: {dispatch.kernels_enabled()}, {time.strftime('%Y-%m-%d %H:%M:%S')}")
+        f"kernels enabled: {dispatch.kernels_enabled()}{' (simulated)' if args.simulate else ''}, "
+        f"{time.strftime('%Y-%m-%d %H:%M:%S')}")
     sections = set(args.sections.split(","))
     steps = []
     if "check" in sections:
-        steps += [check_attention, check_indexer, check_topk_distributions, check_hc]
+        steps += [check_decode_kernels, check_attention, check_indexer, check_topk_distributions, check_hc]
+    if "decode" in sections:
+        steps += [check_decode_kernels]
     if "time" in sections:
         steps += [lambda: time_attention(contexts), lambda: time_indexer(contexts), time_hc]
     if "sweep" in sections:
         steps += [sweep_attention]
     if "profile" in sections:
         steps += [profile_once]
+    if "ops" in sections:
+        steps += [profile_layer_ops]
+    if "compare" in sections:
+        steps += [lambda: compare_layer(contexts)]
     if "layer" in sections:
-        steps += [lambda: time_layers(contexts, out_dir)]
+        steps += [lambda: time_layers(contexts, out_dir, args.simulate, 8 if args.simulate else args.steps)]
     for step in steps:
         try:
             step()

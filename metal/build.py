@@ -37,6 +37,11 @@ KERNELS: dict[str, KernelInterface] = {
     "topk_select": KernelInterface(("scores", "positions", "meta"), ("idx",)),
     "hc_pre": KernelInterface(("x", "fn", "base", "scale", "params", "mixes"), ("y", "post", "comb")),
     "hc_post": KernelInterface(("out", "x", "post", "comb"), ("new_x",)),
+    "rope_rows": KernelInterface(("x", "cs", "sn", "nw", "params", "meta"), ("y",)),
+    "decode_gemv": KernelInterface(("x", "wa", "wb", "add_b", "buf_a", "buf_b", "meta", "scale"), ("out_a", "out_b")),
+    "moe_route": KernelInterface(("mix", "bias", "params"), ("ids", "weights")),
+    "swiglu": KernelInterface(("gate", "up", "w", "params", "meta"), ("out",)),
+    "compressor_emit": KernelInterface(("kv", "gate", "nw", "freqs", "params", "meta"), ("codes", "scales", "rope")),
 }
 
 

@@ -41,6 +41,20 @@ DSV4_FN unsigned int dsv4_simd_max_u(unsigned int x) { return simd_max(x); }
 DSV4_FN unsigned int dsv4_simd_min_u(unsigned int x) { return simd_min(x); }
 DSV4_FN float dsv4_simd_shuffle_xor(float x, unsigned int mask) { return simd_shuffle_xor(x, ushort(mask)); }
 DSV4_FN unsigned int dsv4_clz(unsigned int x) { return clz(x); }
+// Math used by the decode-step kernels; precise:: where Metal's default is a fast approximation.
+DSV4_FN float dsv4_rint(float x) { return metal::rint(x); }
+DSV4_FN float dsv4_fabs(float x) { return metal::fabs(x); }
+DSV4_FN float dsv4_sqrt(float x) { return metal::precise::sqrt(x); }
+DSV4_FN float dsv4_log(float x) { return metal::precise::log(x); }
+DSV4_FN float dsv4_exp_precise(float x) { return metal::precise::exp(x); }
+DSV4_FN float dsv4_min_f(float a, float b) { return metal::min(a, b); }
+DSV4_FN float dsv4_cos(float x) { return metal::precise::cos(x); }
+DSV4_FN float dsv4_sin(float x) { return metal::precise::sin(x); }
+// log(1 + x) without cancellation for small x (Metal has no log1p).
+DSV4_FN float dsv4_log1p(float x) {
+  const float u = 1.0f + x;
+  return u == 1.0f ? x : metal::precise::log(u) * (x / (u - 1.0f));
+}
 
 #else  // CUDA (NVRTC through mx.fast.cuda_kernel)
 
@@ -125,6 +139,15 @@ DSV4_FN float dsv4_simd_shuffle_xor(float x, unsigned int mask) {
 }
 
 DSV4_FN unsigned int dsv4_clz(unsigned int x) { return __clz(x); }
+DSV4_FN float dsv4_rint(float x) { return rintf(x); }
+DSV4_FN float dsv4_fabs(float x) { return fabsf(x); }
+DSV4_FN float dsv4_sqrt(float x) { return sqrtf(x); }
+DSV4_FN float dsv4_log(float x) { return logf(x); }
+DSV4_FN float dsv4_exp_precise(float x) { return expf(x); }
+DSV4_FN float dsv4_min_f(float a, float b) { return fminf(a, b); }
+DSV4_FN float dsv4_cos(float x) { return cosf(x); }
+DSV4_FN float dsv4_sin(float x) { return sinf(x); }
+DSV4_FN float dsv4_log1p(float x) { return log1pf(x); }
 
 #endif
 

@@ -31,3 +31,42 @@ DSV4_FN unsigned int dsv4_order_key(float x) {
   u = (u == 0x80000000u) ? 0u : u;
   return (u & 0x80000000u) ? ~u : (u | 0x80000000u);
 }
+
+// --- encoders (the rounding side of quant/codecs.py, for kernels that write FP8/FP4 values) -------------
+
+// The e8m0 block exponent of codecs._block_exponent: ceil(log2(max(amax, floor) / qmax)), read from the
+// bits of the float32 quotient (exact, no log2).
+DSV4_FN int dsv4_block_exponent(float amax, float amax_floor, float qmax) {
+  const unsigned int bits = dsv4_as_uint(dsv4_max(amax, amax_floor) / qmax);
+  return int(bits >> 23) - 127 + ((bits & 0x7fffffu) != 0u ? 1 : 0);
+}
+
+// 2^e as a float, exact for normal exponents (-126 <= e <= 127).
+DSV4_FN float dsv4_exp2i(int e) { return dsv4_as_float((unsigned int)(e + 127) << 23); }
+
+// The e4m3 (fn) code nearest to a, ties to the even code, for |a| <= 448 (callers clamp first):
+// subnormals are steps of 2^-9 (a count of 8 is 2^-6, the first normal code), normals keep 3 mantissa
+// bits (m / 2^(E-3) rounded to an integer in [8, 16]; 16 carries into the exponent field). The sign
+// bit follows the float's, -0 included, as MLX's to_fp8.
+DSV4_FN unsigned int dsv4_e4m3_code(float a) {
+  const float m = dsv4_fabs(a);
+  unsigned int mag;
+  if (m < 0.015625f) {
+    mag = (unsigned int)dsv4_rint(m * 512.0f);
+  } else {
+    const unsigned int e = dsv4_as_uint(m) >> 23;  // biased float exponent, 121 .. 135 here
+    const float q = dsv4_rint(m * dsv4_as_float((257u - e) << 23));  // m * 2^(3 - E), exact scaling
+    mag = ((e - 120u) << 3) + (unsigned int)q - 8u;
+  }
+  return mag | ((dsv4_as_uint(a) & 0x80000000u) ? 0x80u : 0u);
+}
+
+// The e2m1 code of codecs._e2m1_codes: count the midpoints below |s| ('>' before an even code, '>='
+// before an odd one, so that a midpoint goes to the even code), sign bit for s < 0.
+DSV4_FN unsigned int dsv4_e2m1_code(float s) {
+  const float m = dsv4_fabs(s);
+  const unsigned int c = (m > 0.25f ? 1u : 0u) + (m >= 0.75f ? 1u : 0u) + (m > 1.25f ? 1u : 0u) +
+                         (m >= 1.75f ? 1u : 0u) + (m > 2.5f ? 1u : 0u) + (m >= 3.5f ? 1u : 0u) +
+                         (m > 5.0f ? 1u : 0u);
+  return c | (s < 0.0f ? 8u : 0u);
+}

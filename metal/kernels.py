@@ -37,6 +37,12 @@ HC_FUSED_MAX_ROWS = 0
 MAX_GRID_ROWS = 65535
 # Largest indexer score block (elements) built at once; query rows are chunked to fit (as the reference).
 INDEXER_CHUNK_ELEMENTS = 1 << 26
+# The decode-step kernels (rope_rows, decode_gemv, moe_route, swiglu).
+ROPE_ROWS_PER_GROUP = 4  # rows (one SIMD-group each) a threadgroup
+GEMV_WARPS = 8  # SIMD-groups a threadgroup of decode_gemv
+GEMV_MAX_ROWS = 8  # token rows decode_gemv takes (each is an accumulator a lane); more go to MLX's matmul
+GEMV_TARGET_GROUPS = 128  # threadgroups decode_gemv aims for (splitting K when there are few columns)
+SWIGLU_THREADS = 256
 
 
 @dataclass(frozen=True)
@@ -99,12 +105,13 @@ def plan_sparse_attention(q: mx.array, window_kv: mx.array, window_positions: mx
         codes, scales_, rope, count = entries.codes, entries.scales, entries.rope.astype(T), entries.count
         nope = codes.shape[-1]
     elif entries is not None:
-        codes, scales_, rope, count, nope = _dummy_u8(), _dummy_u8(), entries.astype(T), entries.shape[1], 0
+        codes, scales_, rope, count, nope = _placeholder(mx.uint8), _placeholder(mx.uint8), entries.astype(T), \
+            entries.shape[1], 0
     else:
-        codes, scales_, rope, count, nope = _dummy_u8(), _dummy_u8(), mx.zeros((B, 1, D), T), 0, 0
+        codes, scales_, rope, count, nope = _placeholder(mx.uint8), _placeholder(mx.uint8), _placeholder(T, 3), 0, 0
         ratio = 0
     selected = selection is not None and count > 0
-    sel = selection.astype(mx.int32) if selected else mx.zeros((1, 1, 1), mx.int32)
+    sel = selection.astype(mx.int32) if selected else _placeholder(mx.int32, 3)
     hs, nsg = attention_geometry(H, heads_per_group or ATTENTION_HEADS_PER_GROUP, heads_per_simdgroup)
     groups = H // (hs * nsg)
     if splits is None:  # sized from the store's count: reading the positions would sync the GPU
@@ -153,8 +160,17 @@ def sparse_attention(q: mx.array, window_kv: mx.array, window_positions: mx.arra
     return plan_attention_combine(part, ml, sink, q.shape, q.dtype).run()[0]
 
 
-def _dummy_u8() -> mx.array:
-    return mx.zeros((1,), mx.uint8)
+_constants: dict[tuple, mx.array] = {}
+
+
+def _placeholder(dtype: mx.Dtype, ndim: int = 1) -> mx.array:
+    """An evaluated one-element array standing in for an unused input (a leaf: no graph node); `ndim`
+    for kernels that read the unused input's shape."""
+    key = ("placeholder", dtype, ndim)
+    if key not in _constants:
+        _constants[key] = mx.zeros((1,) * ndim, dtype)
+        mx.eval(_constants[key])
+    return _constants[key]
 
 
 # --- indexer --------------------------------------------------------------------------------------
@@ -169,9 +185,9 @@ def plan_indexer_scores(q: mx.array, weights: mx.array, keys, positions: mx.arra
     """Float32 scores [B * S, count] of every visible entry (the rest of each row is left unwritten)."""
     B, S, HI, DI = q.shape
     if isinstance(keys, Fp4Keys):
-        packed, kscales, kdense, count = keys.packed, keys.scales, mx.zeros((1, 1, 1), q.dtype), keys.count
+        packed, kscales, kdense, count = keys.packed, keys.scales, _placeholder(q.dtype, 3), keys.count
     else:
-        packed, kscales, kdense, count = mx.zeros((1, 1, 1), mx.uint8), _dummy_u8(), keys, keys.shape[1]
+        packed, kscales, kdense, count = _placeholder(mx.uint8, 3), _placeholder(mx.uint8), keys, keys.shape[1]
     template = [("HI", HI), ("DI", DI), ("PACKED", isinstance(keys, Fp4Keys)), ("KT", INDEXER_KEYS_PER_GROUP),
                 ("RATIO", ratio)]
     tiles = -(-count // INDEXER_KEYS_PER_GROUP)
@@ -220,18 +236,19 @@ def plan_hc_pre(x: mx.array, fn: mx.array, base: mx.array, scale: mx.array, iter
     template = [("T", x.dtype), ("HC", hc), ("DIM", dim), ("ITERS", iters), ("NT", HC_THREADS),
                 ("HAVE_MIXES", have_mixes)]
     inputs = [x, fn.astype(mx.float32), base.astype(mx.float32), scale.astype(mx.float32), _f32(hc_eps, norm_eps),
-              mixes if have_mixes else mx.zeros((1,), mx.float32)]
+              mixes if have_mixes else _placeholder(mx.float32)]
     return Launch("hc_pre", inputs, template, grid=(HC_THREADS * rows, 1, 1), threadgroup=(HC_THREADS, 1, 1),
                   output_shapes=[(*lead, dim), (*lead, hc), (*lead, hc, hc)],
                   output_dtypes=[x.dtype, mx.float32, mx.float32])
 
 
 def hc_pre(x: mx.array, fn: mx.array, base: mx.array, scale: mx.array, iters: int, hc_eps: float,
-           norm_eps: float, fused_max_rows: int = HC_FUSED_MAX_ROWS) -> tuple[mx.array, mx.array, mx.array]:
-    """`HyperConnection.pre` in one dispatch (plus one matmul for more than `fused_max_rows` tokens)."""
+           norm_eps: float, fused_max_rows: int = HC_FUSED_MAX_ROWS,
+           mixes: mx.array | None = None) -> tuple[mx.array, mx.array, mx.array]:
+    """`HyperConnection.pre` in one dispatch (plus one matmul for more than `fused_max_rows` tokens;
+    `mixes` [rows, (2 + hc) * hc], when given, are those dot products already made)."""
     rows = math.prod(x.shape[:-2])
-    mixes = None
-    if rows > fused_max_rows:
+    if mixes is None and rows > fused_max_rows:
         mixes = x.reshape(rows, -1).astype(mx.float32) @ fn.astype(mx.float32).T
     y, post, comb = plan_hc_pre(x, fn, base, scale, iters, hc_eps, norm_eps, mixes).run()
     return y, post, comb
@@ -251,3 +268,149 @@ def plan_hc_post(out: mx.array, x: mx.array, post: mx.array, comb: mx.array) -> 
 def hc_post(out: mx.array, x: mx.array, post: mx.array, comb: mx.array) -> mx.array:
     """`HyperConnection.post` in one dispatch."""
     return plan_hc_post(out, x, post, comb).run()[0]
+
+
+# --- decode-step kernels: RoPE rows, small float32 GEMVs, MoE routing, SwiGLU ----------------------------
+
+def supports_rope_rows(x: mx.array, rope_dims: int, fp8: bool = False, fp4: bool = False) -> bool:
+    d = x.shape[-1]
+    vpl = d // 32
+    if d % 32 or vpl % 2 or rope_dims % vpl or (d - rope_dims) % vpl or rope_dims > d or x.size // d == 0:
+        return False
+    if fp8 and (64 % vpl or (d - rope_dims) % 64):
+        return False
+    if fp4 and (32 % vpl or d & (d - 1)):  # the Hadamard transform needs a power of two
+        return False
+    return x.dtype in (mx.float32, mx.float16, mx.bfloat16)
+
+
+def plan_rope_rows(x: mx.array, cos: mx.array, sin: mx.array, heads: int, norm: bool = False,
+                   inverse: bool = False, fp8: bool = False, hadamard: bool = False, fp4: bool = False,
+                   eps: float = 0.0, hadamard_scale: float = 1.0, norm_weight: mx.array | None = None) -> Launch:
+    """x [B, S, heads, D] or [B, S, D] (heads = 1) with the [S, rd] RoPE table (see rope_rows.metal);
+    `norm_weight` [D] implies norm (an RMSNorm with its weight, as mx.fast.rms_norm)."""
+    d = x.shape[-1]
+    rows = x.size // d
+    groups = -(-rows // ROPE_ROWS_PER_GROUP)
+    norm = norm or norm_weight is not None
+    template = [("T", x.dtype), ("D", d), ("RD", cos.shape[-1]), ("HEADS", heads), ("RPG", ROPE_ROWS_PER_GROUP),
+                ("NORM", norm), ("NORM_W", norm_weight is not None), ("INVERSE", inverse), ("FP8", fp8),
+                ("HADAMARD", hadamard), ("FP4", fp4)]
+    nw = norm_weight.astype(x.dtype) if norm_weight is not None else _placeholder(x.dtype)
+    inputs = [x, cos.astype(mx.float32), sin.astype(mx.float32), nw, _f32(eps, hadamard_scale),
+              _i32(rows, cos.shape[0])]
+    return Launch("rope_rows", inputs, template, grid=(32 * ROPE_ROWS_PER_GROUP * groups, 1, 1),
+                  threadgroup=(32 * ROPE_ROWS_PER_GROUP, 1, 1), output_shapes=[x.shape], output_dtypes=[x.dtype])
+
+
+def rope_rows(x: mx.array, cos: mx.array, sin: mx.array, heads: int, **flags) -> mx.array:
+    return plan_rope_rows(x, cos, sin, heads, **flags).run()[0]
+
+
+def gemv_split(columns: int, k: int) -> int:
+    """K-splits of decode_gemv: enough threadgroups for the GPU when there are few output columns."""
+    split = 1
+    while split < GEMV_WARPS and -(-columns * split // GEMV_WARPS) < GEMV_TARGET_GROUPS:
+        split *= 2
+    while split > 1 and k % (256 * split):
+        split //= 2
+    return split
+
+
+def supports_gemv(x: mx.array, *weights: mx.array) -> bool:
+    k = x.shape[-1]
+    rows = x.size // k if k else 0
+    return (0 < rows <= GEMV_MAX_ROWS and k % 256 == 0 and len({w.dtype for w in weights}) == 1
+            and all(w.ndim == 2 and w.shape[1] == k for w in weights)
+            and weights[0].dtype in (mx.float32, mx.float16, mx.bfloat16))
+
+
+def plan_decode_gemv(x: mx.array, wa: mx.array, wb: mx.array | None = None, add_b: mx.array | None = None,
+                     add_row: int = 0, buf_a: mx.array | None = None, buf_b: mx.array | None = None,
+                     cut: int = 0, scale: float = 1.0, out_dtype: mx.Dtype = mx.float32) -> Launch:
+    """x [M, K] (M token rows) against wa [NA, K] (and wb [NB, K]); see decode_gemv.metal.
+
+    With buffers (float32 [M, n, NA] / [M, n, NB]) the outputs are the buffers from row `cut` on plus
+    the new row: [M, n - cut + 1, N]; without, [M, 1, N].
+    """
+    m, k = x.shape
+    na, nb = wa.shape[0], 0 if wb is None else wb.shape[0]
+    has_buf = buf_a is not None
+    n_old = buf_a.shape[1] if has_buf else 0
+    rows_out = n_old - cut + 1
+    split = gemv_split(na + nb, k)
+    rpt = GEMV_WARPS // split
+    groups = -(-(na + nb) // rpt)
+    template = [("T", x.dtype), ("TW", wa.dtype), ("OT", out_dtype), ("K", k), ("NA", na), ("NB", nb), ("M", m),
+                ("NW", GEMV_WARPS), ("KSPLIT", split), ("HAS_ADD", add_b is not None), ("HAS_BUF", has_buf)]
+    f32 = _placeholder(mx.float32)
+    inputs = [x, wa, wb if wb is not None else _placeholder(wa.dtype),
+              add_b.astype(mx.float32) if add_b is not None else f32,
+              buf_a if has_buf else f32, buf_b if has_buf and nb else f32, _i32(n_old, cut, add_row), _f32(scale)]
+    return Launch("decode_gemv", inputs, template, grid=(32 * GEMV_WARPS * groups, 1, 1),
+                  threadgroup=(32 * GEMV_WARPS, 1, 1),
+                  output_shapes=[(m, rows_out, na), (m, rows_out, nb) if nb else (1,)],
+                  output_dtypes=[out_dtype, out_dtype])
+
+
+def decode_gemv(x: mx.array, wa: mx.array, wb: mx.array | None = None, **kw) -> tuple[mx.array, mx.array | None]:
+    out_a, out_b = plan_decode_gemv(x, wa, wb, **kw).run()
+    return out_a, (out_b if wb is not None else None)
+
+
+def supports_moe_route(mix_columns: int, k: int) -> bool:
+    return mix_columns % 32 == 0 and mix_columns <= 1024 and 0 < k <= mix_columns
+
+
+def plan_moe_route(mix: mx.array, bias: mx.array, k: int, route_scale: float) -> Launch:
+    """mix [rows, E] float32 (the router's x . W) -> ids [rows, k] uint32, weights [rows, k] float32."""
+    rows, e = mix.shape
+    return Launch("moe_route", [mix, bias.astype(mx.float32), _f32(route_scale)], [("E", e), ("K", k)],
+                  grid=(e * rows, 1, 1), threadgroup=(e, 1, 1), output_shapes=[(rows, k), (rows, k)],
+                  output_dtypes=[mx.uint32, mx.float32])
+
+
+def supports_swiglu(gate: mx.array) -> bool:
+    return gate.shape[-1] % 4 == 0 and gate.dtype in (mx.float32, mx.float16, mx.bfloat16)
+
+
+def plan_swiglu(gate: mx.array, up: mx.array, weights: mx.array | None, limit: float, dtype: mx.Dtype) -> Launch:
+    """gate / up [..., I] (rows = everything before I; with weights [rows] one routing weight a row)."""
+    inter = gate.shape[-1]
+    rows = gate.size // inter
+    groups = -(-(rows * inter // 4) // SWIGLU_THREADS)
+    template = [("T", dtype), ("I", inter), ("NT", SWIGLU_THREADS), ("HAS_W", weights is not None),
+                ("CLAMP", limit > 0)]
+    w = weights.astype(mx.float32) if weights is not None else _placeholder(mx.float32)
+    return Launch("swiglu", [gate, up.astype(gate.dtype), w, _f32(limit), _i32(rows)], template,
+                  grid=(SWIGLU_THREADS * groups, 1, 1), threadgroup=(SWIGLU_THREADS, 1, 1),
+                  output_shapes=[gate.shape], output_dtypes=[dtype])
+
+
+def supports_compressor_emit(dims: int, rope_dims: int, fp4: bool, dtype: mx.Dtype) -> bool:
+    nope = dims - rope_dims
+    ok = dims % 64 == 0 and dims <= 1024 and rope_dims % 64 == 0 and nope % 64 == 0 and nope >= 0
+    return ok and (not fp4 or dims & (dims - 1) == 0) and dtype in (mx.float32, mx.float16, mx.bfloat16)
+
+
+def plan_compressor_emit(kv: mx.array, gate: mx.array, first_row: int, first_entry: int, count: int, ratio: int,
+                         overlap: bool, norm_weight: mx.array, eps: float, pair_freqs: mx.array, fp4: bool,
+                         dtype: mx.Dtype) -> Launch:
+    """Entries first_entry .. + count - 1 of the token buffer kv / gate [B, n, W] (their own blocks start
+    at buffer row first_row + j * ratio) encoded as the store keeps them (see compressor_emit.metal).
+
+    Outputs: FP8 (codes [B, count, nope], scales [B, count, nope / 64], rope [B, count, rd]) or FP4
+    (packed [B, count, D / 2], scales [B, count, D / 32], an unused one-element array)."""
+    batch = kv.shape[0]
+    dims = norm_weight.shape[-1]
+    rope_dims = pair_freqs.shape[-1]
+    nope = dims - rope_dims
+    template = [("T", dtype), ("D", dims), ("RD", rope_dims), ("RATIO", ratio), ("OVERLAP", overlap), ("FP4", fp4)]
+    inputs = [kv, gate, norm_weight.astype(dtype), pair_freqs.astype(mx.float32), _f32(eps, dims ** -0.5),
+              _i32(first_row, first_entry, count)]
+    if fp4:
+        shapes = [(batch, count, dims // 2), (batch, count, dims // 32), (1,)]
+    else:
+        shapes = [(batch, count, nope), (batch, count, nope // 64), (batch, count, rope_dims)]
+    return Launch("compressor_emit", inputs, template, grid=(dims * count, batch, 1), threadgroup=(dims, 1, 1),
+                  output_shapes=shapes, output_dtypes=[mx.uint8, mx.uint8, dtype])

@@ -199,6 +199,18 @@ def _plans():
         kernels.plan_topk(mx.zeros((6, 999)), common["positions"], 999, 4, 512),
         kernels.plan_hc_pre(x, mx.zeros((24, 16384)), mx.zeros((24,)), mx.zeros((3,)), 20, 1e-6, 1e-6),
         kernels.plan_hc_post(mx.zeros((2, 3, 4096), bf16), x, mx.zeros((2, 3, 4)), mx.zeros((2, 3, 4, 4))),
+        kernels.plan_rope_rows(mx.zeros((2, 3, 64, 512), bf16), mx.zeros((3, 64)), mx.zeros((3, 64)), 64, norm=True),
+        kernels.plan_rope_rows(mx.zeros((1, 1, 512), bf16), mx.zeros((1, 64)), mx.zeros((1, 64)), 1, fp8=True,
+                               norm_weight=mx.ones((512,))),
+        kernels.plan_decode_gemv(mx.zeros((1, 4096), bf16), mx.zeros((1024, 4096), bf16), mx.zeros((1024, 4096), bf16),
+                                 add_b=mx.zeros((4, 1024)), buf_a=mx.zeros((1, 21, 1024)),
+                                 buf_b=mx.zeros((1, 21, 1024)), cut=4),
+        kernels.plan_decode_gemv(mx.zeros((2, 16384), bf16), mx.zeros((24, 16384))),
+        kernels.plan_moe_route(mx.zeros((3, 256)), mx.zeros((256,)), 6, 1.5),
+        kernels.plan_swiglu(mx.zeros((1, 1, 6, 1, 2048), bf16), mx.zeros((1, 1, 6, 1, 2048), bf16), mx.zeros((6,)),
+                            10.0, bf16),
+        kernels.plan_compressor_emit(mx.zeros((2, 24, 1024)), mx.zeros((2, 24, 1024)), 8, 1025, 2, 4, True,
+                                     mx.ones((512,), bf16), 1e-6, mx.zeros((64,)), False, bf16),
     ]
 
 
@@ -229,3 +241,152 @@ def test_shapes_without_a_kernel_are_refused():
     assert not kernels.supports_indexer(mx.zeros((1, 1, 8, 128)), mx.zeros((1, 5, 128)))
     assert not kernels.supports_hc(mx.zeros((1, 1, 3, 64)))
     assert kernels.supports_hc(mx.zeros((1, 1, 4, 64)))
+
+
+def test_decode_kernel_plans_cover_their_work():
+    rope = kernels.plan_rope_rows(mx.zeros((2, 3, 64, 512)), mx.zeros((3, 64)), mx.zeros((3, 64)), 64)
+    assert rope.grid[0] // 32 >= 2 * 3 * 64  # a SIMD-group for every row
+    gemv = kernels.plan_decode_gemv(mx.zeros((1, 4096)), mx.zeros((1024, 4096)), mx.zeros((1024, 4096)),
+                                    buf_a=mx.zeros((1, 21, 1024)), buf_b=mx.zeros((1, 21, 1024)), cut=4)
+    assert gemv.output_shapes[0] == (1, 18, 1024)  # 21 buffered - 4 cut + the new token
+    t = dict(gemv.template)
+    assert gemv.grid[0] // (32 * t["NW"]) * (t["NW"] // t["KSPLIT"]) >= 2048  # every output column
+    assert kernels.gemv_split(2048, 4096) == 1 and kernels.gemv_split(24, 16384) == 8
+    assert kernels.gemv_split(64, 256) == 1  # K too short to split
+    emit = kernels.plan_compressor_emit(mx.zeros((1, 8, 256)), mx.zeros((1, 8, 256)), 4, 7, 1, 4, True,
+                                        mx.ones((128,)), 1e-6, mx.zeros((64,)), True, mx.float32)
+    assert emit.output_shapes[:2] == [(1, 1, 64), (1, 1, 4)]
+    assert not kernels.supports_gemv(mx.zeros((9, 4096)), mx.zeros((8, 4096)))  # more rows than accumulators
+    assert not kernels.supports_rope_rows(mx.zeros((1, 1, 100)), 64)
+
+
+# --- the decode-step ops: RoPE tables, the reference contracts, the fallbacks ---------------------------
+
+def _pairwise_rope(x, positions, freqs, inverse=False):
+    """RoPE written pair by pair (the formulation the model used before the tables)."""
+    rd = 2 * freqs.shape[0]
+    angles = positions.astype(mx.float32)[:, None] * freqs[None, :]
+    angles = angles.reshape(angles.shape[0], *([1] * (x.ndim - 3)), angles.shape[1])
+    cos, sin = mx.cos(angles), mx.sin(angles)
+    sin = -sin if inverse else sin
+    rot = x[..., -rd:].astype(mx.float32).reshape(*x.shape[:-1], rd // 2, 2)
+    even, odd = rot[..., 0], rot[..., 1]
+    out = mx.stack([even * cos - odd * sin, even * sin + odd * cos], axis=-1).reshape(*x.shape[:-1], rd)
+    return mx.concatenate([x[..., :-rd], out.astype(x.dtype)], axis=-1)
+
+
+@pytest.mark.parametrize("dtype", [mx.float32, mx.bfloat16])
+def test_rope_tables_are_bit_identical_to_the_pairwise_rotation(dtype):
+    from dsv4_mlx.attention.rope import apply_rope, rope_frequencies
+
+    freqs = rope_frequencies(64, 160000.0, {"factor": 16, "original_max_position_embeddings": 65536,
+                                            "beta_fast": 32, "beta_slow": 1})
+    for shape in [(2, 3, 8, 512), (1, 4, 128), (1, 2, 16, 128)]:
+        x = (mx.random.normal(shape) * 3).astype(dtype)
+        positions = mx.array(np.random.default_rng(0).integers(0, 1_100_000, shape[1]).astype(np.int32))
+        for inverse in (False, True):
+            assert mx.array_equal(apply_rope(x, positions, freqs, inverse), _pairwise_rope(x, positions, freqs, inverse))
+
+
+def test_rope_table_is_built_once_per_positions_array():
+    from dsv4_mlx.attention.rope import rope_frequencies, rope_table
+
+    freqs = rope_frequencies(64, 10000.0)
+    positions = mx.array([7], mx.int32)
+    assert rope_table(positions, freqs) is rope_table(positions, freqs)  # every layer of one step
+    assert rope_table(mx.array([7], mx.int32), freqs) is not rope_table(positions, freqs)
+
+
+@pytest.mark.parametrize("start,length", [(0, 1), (143, 1), (140, 7), (5, 150), (1000, 3)])
+def test_window_slice_writes_equal_the_scatter(start, length):
+    from dsv4_mlx.cache.kv_memory import WindowRing
+
+    rings = [WindowRing(128, 16), WindowRing(128, 16)]
+    for ring in rings:  # same history
+        ring.write(mx.arange(144 * 4, dtype=mx.float32).reshape(1, 144, 4), mx.arange(144, dtype=mx.int32), 0)
+    kv = mx.random.normal((1, length, 4))
+    positions = mx.arange(start, start + length, dtype=mx.int32)
+    rings[0].write(kv, positions)
+    rings[1].write(kv, positions, start)
+    assert mx.array_equal(rings[0].kv, rings[1].kv) and mx.array_equal(rings[0].positions, rings[1].positions)
+
+
+def test_decode_ops_run_their_reference_on_the_cpu():
+    from dsv4_mlx.attention.rope import rope_frequencies, rope_table
+
+    table = rope_table(mx.array([3, 900], mx.int32), rope_frequencies(64, 10000.0))
+    q = mx.random.normal((1, 2, 4, 128))
+    w = mx.random.normal((128,))
+    assert mx.array_equal(dispatch.attention_query(q, table, 1e-6), reference.attention_query(q, table, 1e-6))
+    assert mx.array_equal(dispatch.attention_kv(q[:, :, 0], table, w, 1e-6),
+                          reference.attention_kv(q[:, :, 0], table, w, 1e-6))
+    assert mx.array_equal(dispatch.indexer_query(q, table), reference.indexer_query(q, table))
+    assert mx.array_equal(dispatch.rope_rows(q, table, True), reference.rope_rows(q, table, True))
+    x, weight = mx.random.normal((1, 2, 256)), mx.random.normal((16, 256))
+    ids, weights = dispatch.moe_route(x, weight, mx.zeros((16,)), 4, 1.5)
+    want_ids, want_weights = reference.moe_route(x, weight, mx.zeros((16,)), 4, 1.5)
+    assert mx.array_equal(ids, want_ids) and mx.array_equal(weights, want_weights)
+
+
+def test_reference_contracts_equal_the_models_earlier_math():
+    x, wkv, wgate = mx.random.normal((1, 1, 64)), mx.random.normal((32, 64)), mx.random.normal((32, 64))
+    ape, buffered = mx.random.normal((4, 32)), mx.random.normal((1, 9, 32))
+    kv, gate = reference.compressor_extend(x, wkv, wgate, ape, mx.array([9], mx.int32), 4, buffered, buffered * 2, 3)
+    assert mx.array_equal(kv, mx.concatenate([buffered, x @ wkv.T], axis=1)[:, 3:])
+    assert mx.array_equal(gate, mx.concatenate([buffered * 2, x @ wgate.T + ape[1]], axis=1)[:, 3:])
+    scores = mx.sqrt(mx.logaddexp(x @ wkv.T, 0.0))
+    ids, weights = reference.moe_route(x, wkv, mx.zeros((32,)), 3, 2.0)
+    picked = mx.take_along_axis(scores, ids, axis=-1)
+    assert mx.allclose(weights, picked / picked.sum(-1, keepdims=True) * 2.0)
+    gate_, up = mx.random.normal((2, 3, 1, 8)) * 20, mx.random.normal((2, 3, 1, 8)) * 20
+    h = mx.minimum(gate_, 10.0)
+    want = (h * mx.sigmoid(h) * mx.clip(up, -10.0, 10.0) * mx.array([0.5, 1, 2])[:, None, None]).astype(mx.bfloat16)
+    assert mx.array_equal(reference.swiglu(gate_, up, mx.broadcast_to(mx.array([0.5, 1, 2]), (2, 3)), 10.0,
+                                           mx.bfloat16), want)
+
+
+def test_a_kernel_that_fails_its_self_check_is_not_used(monkeypatch):
+    calls = []
+
+    def broken():
+        calls.append(1)
+        raise RuntimeError("does not compile here")
+
+    monkeypatch.setattr(dispatch, "kernels_enabled", lambda: True)
+    monkeypatch.setitem(dispatch._SELF_CHECKS, "swiglu", broken)
+    monkeypatch.setattr(dispatch, "_checked", {})
+    monkeypatch.setattr(dispatch, "kernel_failures", {})
+    gate, up = mx.random.normal((2, 8)), mx.random.normal((2, 8))
+    for _ in range(2):  # checked once, then remembered
+        assert mx.array_equal(dispatch.swiglu(gate, up, None, 0.0, mx.float32),
+                              reference.swiglu(gate, up, None, 0.0, mx.float32))
+    assert calls == [1] and "does not compile" in dispatch.kernel_failures["swiglu"]
+
+
+def test_the_gpu_decode_structure_gives_the_same_tokens_on_the_cpu(model_f32, golden):
+    """The GPU's decode step writes the window ring before attending (no concatenation); with every op
+    on its reference (the CPU) it must give the logits and cache the CPU's own structure gives."""
+    import types
+
+    from dsv4_mlx.model import deepseek_v4
+
+    tokens = golden["tokens"][:, :260]
+    caches = [model_f32.make_cache(), model_f32.make_cache()]
+    for cache in caches:
+        model_f32(tokens[:, :250], cache)
+    logits = []
+    for gpu_structure, cache in zip((False, True), caches):
+        ops = types.SimpleNamespace(**{k: getattr(dispatch, k) for k in dir(dispatch) if not k.startswith("__")})
+        ops.kernels_enabled = (lambda: True) if gpu_structure else dispatch.kernels_enabled
+        original = deepseek_v4.ops
+        deepseek_v4.ops = ops
+        try:
+            logits.append(np.concatenate([np.array(model_f32(tokens[:, i:i + 1], cache)) for i in range(250, 260)], 1))
+        finally:
+            deepseek_v4.ops = original
+    assert np.linalg.norm(logits[0] - logits[1]) / np.linalg.norm(logits[1]) < 1e-5
+    for a, b in zip(*caches):
+        assert a.offset == b.offset and mx.array_equal(a.window.positions, b.window.positions)
+        live = a.window.positions >= 0
+        diff = mx.where(live[None, :, None], a.window.kv - b.window.kv, 0)
+        assert mx.linalg.norm(diff.flatten()).item() <= 1e-5 * mx.linalg.norm(b.window.kv.flatten()).item()

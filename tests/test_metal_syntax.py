@@ -56,7 +56,11 @@ struct float4 { float x, y, z, w; };
 struct bfloat16_t { bfloat16_t(); bfloat16_t(float); operator float() const; };
 struct float16_t { float16_t(); float16_t(float); operator float() const; };
 template <typename T, typename U> T as_type(U);
-namespace metal { float exp(float); float rsqrt(float); float max(float, float); }
+namespace metal {
+float exp(float); float rsqrt(float); float max(float, float); float min(float, float); float rint(float);
+float fabs(float); float log(float);
+namespace precise { float sqrt(float); float log(float); float exp(float); float cos(float); float sin(float); }
+}
 using namespace metal;
 float simd_sum(float);
 unsigned int simd_sum(unsigned int);
@@ -97,6 +101,14 @@ unsigned int __float_as_uint(float);
 float expf(float);
 float rsqrtf(float);
 float fmaxf(float, float);
+float fminf(float, float);
+float rintf(float);
+float fabsf(float);
+float sqrtf(float);
+float logf(float);
+float log1pf(float);
+float cosf(float);
+float sinf(float);
 int __clz(int);
 unsigned int atomicAdd(unsigned int*, unsigned int);
 void __syncthreads();
@@ -197,6 +209,37 @@ def _example_launches() -> list[tuple[str, build.Launch]]:
                                                   mixes=mx.zeros((B, 24), mx.float32))),
         ("hc post", kernels.plan_hc_post(mx.zeros((B, 1, 4096), bf16), x, mx.zeros((B, 1, 4), mx.float32),
                                          mx.zeros((B, 1, 4, 4), mx.float32))),
+    ]
+    cos, sin = mx.zeros((1, rd), mx.float32), mx.zeros((1, rd), mx.float32)
+    kv_w = mx.zeros((D,), bf16)
+    out += [
+        ("rope rows query norm", kernels.plan_rope_rows(q, cos, sin, H, norm=True, eps=1e-6)),
+        ("rope rows kv fp8", kernels.plan_rope_rows(mx.zeros((B, 1, D), bf16), cos, sin, 1, fp8=True,
+                                                    norm_weight=kv_w, eps=1e-6)),
+        ("rope rows indexer hadamard fp4", kernels.plan_rope_rows(qi, cos, sin, 64, hadamard=True, fp4=True,
+                                                                  hadamard_scale=128 ** -0.5)),
+        ("rope rows inverse float32", kernels.plan_rope_rows(q.astype(mx.float32), cos, sin, H, inverse=True)),
+        ("gemv compressor", kernels.plan_decode_gemv(
+            mx.zeros((B, 4096), bf16), mx.zeros((1024, 4096), bf16), mx.zeros((1024, 4096), bf16),
+            add_b=mx.zeros((4, 1024), mx.float32), add_row=3, buf_a=mx.zeros((B, 20, 1024), mx.float32),
+            buf_b=mx.zeros((B, 20, 1024), mx.float32), cut=4)),
+        ("gemv float32 split", kernels.plan_decode_gemv(mx.zeros((B, 4 * 4096), bf16), fn)),
+        ("gemv scaled bf16 out", kernels.plan_decode_gemv(mx.zeros((B, 4096), bf16), mx.zeros((64, 4096), bf16),
+                                                          scale=0.01, out_dtype=bf16)),
+        ("moe route", kernels.plan_moe_route(mx.zeros((B, 256), mx.float32), mx.zeros((256,), mx.float32), 6, 1.5)),
+        ("swiglu routed", kernels.plan_swiglu(mx.zeros((B, 1, 6, 1, 2048), bf16), mx.zeros((B, 1, 6, 1, 2048), bf16),
+                                              mx.zeros((B * 6,), mx.float32), 10.0, bf16)),
+        ("compressor emit fp8 overlap", kernels.plan_compressor_emit(
+            mx.zeros((B, 24, 2 * D), mx.float32), mx.zeros((B, 24, 2 * D), mx.float32), 8, 1025, 1, 4, True,
+            kv_w, 1e-6, mx.zeros((rd,), mx.float32), False, bf16)),
+        ("compressor emit fp8 ratio 128", kernels.plan_compressor_emit(
+            mx.zeros((B, 140, D), mx.float32), mx.zeros((B, 140, D), mx.float32), 0, 31, 1, 128, False,
+            kv_w, 1e-6, mx.zeros((rd,), mx.float32), False, bf16)),
+        ("compressor emit fp4 hadamard", kernels.plan_compressor_emit(
+            mx.zeros((B, 24, 256), mx.float32), mx.zeros((B, 24, 256), mx.float32), 8, 1025, 1, 4, True,
+            mx.zeros((128,), bf16), 1e-6, mx.zeros((rd,), mx.float32), True, bf16)),
+        ("swiglu shared no clamp", kernels.plan_swiglu(mx.zeros((B, 1, 2048), bf16), mx.zeros((B, 1, 2048), bf16),
+                                                       None, 0.0, bf16)),
     ]
     return out
 

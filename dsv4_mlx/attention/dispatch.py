@@ -15,12 +15,14 @@ of a dequantized copy. The reference path dequantizes them first.
 from __future__ import annotations
 
 import functools
+import math
 import os
 
 import mlx.core as mx
 
 from ..cache.kv_memory import decode_entries, decode_keys
 from . import reference
+from .rope import RopeTable
 
 try:  # installed (wheel or editable): the top-level metal/ folder is the package dsv4_mlx.metal
     from ..metal import build as _build
@@ -131,7 +133,11 @@ def hc_pre(x: mx.array, fn: mx.array, base: mx.array, scale: mx.array, hc: int, 
            norm_eps: float) -> tuple[mx.array, mx.array, mx.array]:
     """The mHC pre-mix: (sub-layer input [B,S,D], post [B,S,hc], comb [B,S,hc,hc] from stream i to j)."""
     if kernels_enabled() and _kernels.supports_hc(x):
-        return _kernels.hc_pre(x, fn, base, scale, iters, hc_eps, norm_eps)
+        flat = x.reshape(-1, x.shape[-2] * x.shape[-1])
+        mixes = None
+        if _use("decode_gemv", _kernels.supports_gemv(flat, fn)):  # a decode step: one GEMV dispatch
+            mixes = _kernels.decode_gemv(flat, fn)[0].reshape(flat.shape[0], -1)
+        return _kernels.hc_pre(x, fn, base, scale, iters, hc_eps, norm_eps, mixes=mixes)
     return reference.hc_pre(x, fn, base, scale, hc, iters, hc_eps, norm_eps)
 
 
@@ -140,3 +146,231 @@ def hc_post(out: mx.array, x: mx.array, post: mx.array, comb: mx.array) -> mx.ar
     if kernels_enabled() and _kernels.supports_hc(x):
         return _kernels.hc_post(out, x, post, comb)
     return reference.hc_post(out, x, post, comb)
+
+
+# --- the decode-step kernels ------------------------------------------------------------------------
+#
+# Each kernel below is checked once against its reference (small random inputs, the code paths the
+# model uses) the first time it would run: a back-end that does not compile it, or a result that does
+# not match, sends that op to the reference for the rest of the process (see `kernel_failures`).
+
+kernel_failures: dict[str, str] = {}
+
+
+def kernel_ok(name: str) -> bool:
+    """True once `name`'s self-check passed on this GPU (run on first use, then cached)."""
+    if name not in _checked:
+        try:
+            problem = _SELF_CHECKS[name]()
+        except Exception as exc:  # noqa: BLE001  a compile or launch error: the reference it is
+            problem = f"{type(exc).__name__}: {exc}"[:2000]
+        if problem:
+            kernel_failures[name] = problem
+        _checked[name] = not problem
+    return _checked[name]
+
+
+_checked: dict[str, bool] = {}
+
+
+def _use(name: str, supported: bool) -> bool:
+    return supported and kernels_enabled() and kernel_ok(name)
+
+
+def attention_query(q: mx.array, table: RopeTable, eps: float) -> mx.array:
+    """See `reference.attention_query` (per-head RMS norm + RoPE): one dispatch on the GPU."""
+    if _use("rope_rows", _kernels.supports_rope_rows(q, table.cos.shape[-1])):
+        return _kernels.rope_rows(q, table.cos, table.sin, q.shape[-2], norm=True, eps=eps)
+    return reference.attention_query(q, table, eps)
+
+
+def attention_kv(kv: mx.array, table: RopeTable, norm_weight: mx.array, eps: float) -> mx.array:
+    """See `reference.attention_kv` (RMSNorm + RoPE + FP8 rounding of the non-RoPE dims)."""
+    if _use("rope_rows", _kernels.supports_rope_rows(kv, table.cos.shape[-1], fp8=True)):
+        return _kernels.rope_rows(kv, table.cos, table.sin, 1, fp8=True, norm_weight=norm_weight, eps=eps)
+    return reference.attention_kv(kv, table, norm_weight, eps)
+
+
+def indexer_query(q: mx.array, table: RopeTable) -> mx.array:
+    """See `reference.indexer_query` (RoPE + Hadamard + FP4 rounding)."""
+    if _use("rope_rows", _kernels.supports_rope_rows(q, table.cos.shape[-1], fp4=True)):
+        return _kernels.rope_rows(q, table.cos, table.sin, q.shape[-2], hadamard=True, fp4=True,
+                                  hadamard_scale=1.0 / math.sqrt(q.shape[-1]))
+    return reference.indexer_query(q, table)
+
+
+def rope_rows(x: mx.array, table: RopeTable, inverse: bool = False) -> mx.array:
+    """See `reference.rope_rows`; x [B, S, H, d]."""
+    if _use("rope_rows", _kernels.supports_rope_rows(x, table.cos.shape[-1])):
+        return _kernels.rope_rows(x, table.cos, table.sin, x.shape[-2] if x.ndim == 4 else 1, inverse=inverse)
+    return reference.rope_rows(x, table, inverse)
+
+
+def scaled_projection(x: mx.array, weight: mx.array, scale: float, dtype: mx.Dtype) -> mx.array:
+    """See `reference.scaled_projection` ((x @ W.T in float32) * scale, in dtype)."""
+    if _use("decode_gemv", _kernels.supports_gemv(x, weight)):
+        out = _kernels.decode_gemv(x.reshape(-1, x.shape[-1]), weight, scale=scale, out_dtype=dtype)[0]
+        return out.reshape(*x.shape[:-1], weight.shape[0])
+    return reference.scaled_projection(x, weight, scale, dtype)
+
+
+def compressor_extend(x: mx.array, wkv: mx.array, wgate: mx.array, ape: mx.array, positions: mx.array,
+                      ratio: int, buffered_kv: mx.array | None, buffered_gate: mx.array | None, cut: int,
+                      first_position: int) -> tuple[mx.array, mx.array]:
+    """See `reference.compressor_extend`; one dispatch for a one-token step on the GPU (projections,
+    ape, the buffer's extension and trim). `first_position` is positions[0] as a Python int."""
+    if x.shape[1] == 1 and _use("decode_gemv", _kernels.supports_gemv(x, wkv, wgate)):
+        kv, gate = _kernels.decode_gemv(x.reshape(x.shape[0], -1), wkv, wgate, add_b=ape,
+                                        add_row=first_position % ratio, buf_a=buffered_kv, buf_b=buffered_gate,
+                                        cut=cut)
+        return kv, gate
+    return reference.compressor_extend(x, wkv, wgate, ape, positions, ratio, buffered_kv, buffered_gate, cut)
+
+
+def compressor_emit(store, kv: mx.array, gate: mx.array, start: int, first_entry: int, count: int, ratio: int,
+                    overlap: bool, norm_weight: mx.array, eps: float, freqs: mx.array, hadamard: bool,
+                    dtype: mx.Dtype) -> None:
+    """Append entries first_entry .. + count - 1 (see `reference.compressor_entries`) to `store` (the
+    layer's Fp8EntryStore, or with `hadamard` its Fp4EntryStore): on the GPU one dispatch writes the
+    store's bytes (then one slice write per stored array)."""
+    from .rope import _pair_constants, rope_table
+
+    dims = norm_weight.shape[-1]
+    rope_dims = 2 * freqs.shape[0]
+    if _use("compressor_emit", _kernels.supports_compressor_emit(dims, rope_dims, hadamard, dtype)):
+        encoded = _kernels.plan_compressor_emit(kv, gate, first_entry * ratio - start, first_entry, count, ratio,
+                                                overlap, norm_weight, eps, _pair_constants(freqs)[0], hadamard,
+                                                dtype).run()
+        store.append_encoded(*encoded[:2]) if hadamard else store.append_encoded(*encoded)
+        return
+    table = rope_table(mx.arange(first_entry, first_entry + count) * ratio, freqs)
+    store.append(reference.compressor_entries(kv, gate, start, first_entry, count, ratio, overlap, norm_weight, eps,
+                                              table, hadamard, dtype))
+
+
+def moe_route(x: mx.array, weight: mx.array, bias: mx.array, k: int, route_scale: float) -> tuple[mx.array, mx.array]:
+    """See `reference.moe_route`: a GEMV and one routing dispatch on the GPU."""
+    if (_use("decode_gemv", _kernels.supports_gemv(x, weight))
+            and _use("moe_route", _kernels.supports_moe_route(weight.shape[0], k))):
+        mix = _kernels.decode_gemv(x.reshape(-1, x.shape[-1]), weight)[0]
+        ids, weights = _kernels.plan_moe_route(mix.reshape(-1, weight.shape[0]), bias, k, route_scale).run()
+        return ids.reshape(*x.shape[:-1], k), weights.reshape(*x.shape[:-1], k)
+    return reference.moe_route(x, weight, bias, k, route_scale)
+
+
+def swiglu(gate: mx.array, up: mx.array, weights: mx.array | None, limit: float, dtype: mx.Dtype) -> mx.array:
+    """See `reference.swiglu`."""
+    if _use("swiglu", _kernels.supports_swiglu(gate)):
+        w = None if weights is None else weights.reshape(-1)
+        return _kernels.plan_swiglu(gate, up, w, limit, dtype).run()[0]
+    return reference.swiglu(gate, up, weights, limit, dtype)
+
+
+# --- self-checks (small shapes, the same code paths; bench/kernels_gpu.py checks them at full size) ------
+
+_seed = [0]
+
+
+def _normal(shape: tuple, scale: float = 1.0) -> mx.array:
+    """Random inputs from explicit keys: a self-check leaves the global random state alone."""
+    _seed[0] += 1
+    return mx.random.normal(shape, key=mx.random.key(_seed[0])) * scale
+
+
+def _close(got: mx.array, want: mx.array, tol: float) -> str:
+    got, want = got.astype(mx.float32), want.astype(mx.float32)
+    if got.shape != want.shape:
+        return f"shape {got.shape} != {want.shape}"
+    err = (mx.linalg.norm((got - want).flatten()) / (mx.linalg.norm(want.flatten()) + 1e-30)).item()
+    return "" if err <= tol else f"relative error {err:.2e} > {tol:g}"
+
+
+def _check_rope_rows() -> str:
+    from .rope import rope_table
+
+    table = rope_table(mx.array([5, 70001], mx.int32), mx.array([1.0, 0.1, 0.01, 0.001] * 8, mx.float32))
+    cs, sn = table
+    problems = []
+    q = _normal((1, 2, 3, 512)).astype(mx.bfloat16)
+    problems.append(_close(_kernels.rope_rows(q, cs, sn, 3, norm=True, eps=1e-6),
+                           reference.attention_query(q, table, 1e-6), 8e-3))
+    problems.append(_close(_kernels.rope_rows(q, cs, sn, 3, inverse=True), reference.rope_rows(q, table, True), 8e-3))
+    kv = _normal((2, 2, 512)).astype(mx.bfloat16)
+    w = (1 + 0.1 * _normal((512,))).astype(mx.bfloat16)
+    problems.append(_close(_kernels.rope_rows(kv, cs, sn, 1, fp8=True, norm_weight=w, eps=1e-6),
+                           reference.attention_kv(kv, table, w, 1e-6), 3e-2))
+    # float32: MLX's bfloat16 Hadamard rounds after every stage, the kernel once (see compressor_emit.metal)
+    qi = _normal((1, 2, 16, 128))
+    problems.append(_close(_kernels.rope_rows(qi, cs, sn, 16, hadamard=True, fp4=True, hadamard_scale=128 ** -0.5),
+                           reference.indexer_query(qi, table), 2e-2))
+    return "; ".join(p for p in problems if p)
+
+
+def _check_decode_gemv() -> str:
+    x = _normal((2, 1, 1024)).astype(mx.bfloat16)
+    wa = (_normal((64, 1024)) * 0.05).astype(mx.bfloat16)
+    wb = (_normal((48, 1024)) * 0.05).astype(mx.bfloat16)
+    ape = _normal((4, 48))
+    buf_a, buf_b = _normal((2, 5, 64)), _normal((2, 5, 48))
+    positions = mx.array([9], mx.int32)
+    got = _kernels.decode_gemv(x.reshape(2, -1), wa, wb, add_b=ape, add_row=9 % 4, buf_a=buf_a, buf_b=buf_b,
+                               cut=2)
+    want = reference.compressor_extend(x, wa, wb, ape, positions, 4, buf_a, buf_b, 2)
+    problems = [_close(got[0], want[0], 1e-4), _close(got[1], want[1], 1e-4)]
+    w = _normal((24, 2048))
+    xs = _normal((3, 2048)).astype(mx.bfloat16)
+    got = _kernels.decode_gemv(xs, w, scale=0.5, out_dtype=mx.bfloat16)[0].reshape(3, 24)
+    problems.append(_close(got, reference.scaled_projection(xs, w, 0.5, mx.bfloat16), 8e-3))
+    return "; ".join(p for p in problems if p)
+
+
+def _check_moe_route() -> str:
+    mix = _normal((3, 64)) * 3
+    bias = _normal((64,)) * 0.1
+    ids, weights = _kernels.plan_moe_route(mix, bias, 6, 1.5).run()
+    scores = mx.sqrt(mx.logaddexp(mix, 0.0))
+    want = mx.sort(mx.argpartition(-(scores + bias), kth=5, axis=-1)[..., :6], axis=-1)
+    if not mx.array_equal(mx.sort(ids, axis=-1), want.astype(ids.dtype)).item():
+        return "moe_route picked other experts"
+    picked = mx.take_along_axis(scores, ids, axis=-1)
+    return _close(weights, picked / picked.sum(axis=-1, keepdims=True) * 1.5, 1e-5)
+
+
+def _check_swiglu() -> str:
+    gate = (_normal((2, 3, 1, 256)) * 8).astype(mx.bfloat16)
+    up = (_normal((2, 3, 1, 256)) * 8).astype(mx.bfloat16)
+    w = mx.random.uniform(shape=(2, 3), key=mx.random.key(99))
+    got = _kernels.plan_swiglu(gate, up, w.reshape(-1), 10.0, mx.bfloat16).run()[0]
+    problems = [_close(got, reference.swiglu(gate, up, w, 10.0, mx.bfloat16), 8e-3)]
+    got = _kernels.plan_swiglu(gate[:, 0, 0], up[:, 0, 0], None, 0.0, mx.bfloat16).run()[0]
+    problems.append(_close(got, reference.swiglu(gate[:, 0, 0], up[:, 0, 0], None, 0.0, mx.bfloat16), 8e-3))
+    return "; ".join(p for p in problems if p)
+
+
+def _check_compressor_emit() -> str:
+    from ..cache import Fp4EntryStore, Fp8EntryStore
+    from .rope import _pair_constants, rope_table
+
+    problems = []
+    freqs = mx.array([1.0, 0.3, 0.1, 0.03, 0.01, 0.003, 0.001, 0.0003] * 4, mx.float32)
+    for dims, ratio, overlap, fp4 in ((512, 4, True, False), (128, 4, True, True), (512, 128, False, False)):
+        width = (2 if overlap else 1) * dims
+        n = 3 * ratio
+        kv, gate = _normal((2, n, width)), _normal((2, n, width))
+        dtype = mx.float32 if fp4 else mx.bfloat16  # (the Hadamard's rounding: see _check_rope_rows)
+        weight = (1 + 0.1 * _normal((dims,))).astype(dtype)
+        for start, first, count in ((0, 0, 2), (8 * ratio, 9, 2)):
+            got = Fp4EntryStore() if fp4 else Fp8EntryStore(64)
+            encoded = _kernels.plan_compressor_emit(kv, gate, first * ratio - start, first, count, ratio, overlap,
+                                                    weight, 1e-6, _pair_constants(freqs)[0], fp4, dtype).run()
+            got.append_encoded(*encoded[:2]) if fp4 else got.append_encoded(*encoded)
+            want = Fp4EntryStore() if fp4 else Fp8EntryStore(64)
+            table = rope_table(mx.arange(first, first + count) * ratio, freqs)
+            want.append(reference.compressor_entries(kv, gate, start, first, count, ratio, overlap, weight, 1e-6,
+                                                     table, fp4, dtype))
+            problems.append(_close(got.dequantize(mx.float32), want.dequantize(mx.float32), 2e-2))
+    return "; ".join(p for p in problems if p)
+
+
+_SELF_CHECKS = {"compressor_emit": _check_compressor_emit, "rope_rows": _check_rope_rows, "decode_gemv": _check_decode_gemv, "moe_route": _check_moe_route,
+                "swiglu": _check_swiglu}

@@ -10,7 +10,12 @@ all rows of the batch).
 
 from __future__ import annotations
 
+import math
+
 import mlx.core as mx
+
+from ..quant import fp4_round, fp8_round
+from .rope import RopeTable, apply_rope_table
 
 # Largest score tensor (elements) the reference indexer builds at once; queries are chunked to fit.
 _INDEXER_CHUNK_ELEMENTS = 1 << 26
@@ -143,6 +148,105 @@ def _previous_blocks(kv: mx.array, gate: mx.array, first: int, count: int, ratio
     kv = mx.concatenate([pad_kv, kv[:, span]], axis=1)
     gate = mx.concatenate([pad_g, gate[:, span]], axis=1)
     return kv.reshape(B, count, ratio, d), gate.reshape(B, count, ratio, d)
+
+
+# --- the steps around the attention (one fused kernel each on the decode fast path) --------------------
+
+def attention_query(q: mx.array, table: RopeTable, eps: float) -> mx.array:
+    """q [B,S,H,d]: each head RMS-normalised (float32, no weight, back in q's dtype), then rotated."""
+    qf = q.astype(mx.float32)
+    q = (qf * mx.rsqrt(mx.mean(qf * qf, axis=-1, keepdims=True) + eps)).astype(q.dtype)
+    return apply_rope_table(q, table)
+
+
+def attention_kv(kv: mx.array, table: RopeTable, norm_weight: mx.array, eps: float, fp8_block: int = 64) -> mx.array:
+    """kv [B,S,d]: RMS-normalised with its weight, rotated, then its non-RoPE dims rounded to FP8 (the
+    values the model attends to and stores)."""
+    kv = apply_rope_table(mx.fast.rms_norm(kv, norm_weight.astype(kv.dtype), eps), table)
+    nope = kv.shape[-1] - table.cos.shape[-1]
+    return mx.concatenate([fp8_round(kv[..., :nope], fp8_block), kv[..., nope:]], axis=-1)
+
+
+def indexer_query(q: mx.array, table: RopeTable) -> mx.array:
+    """The indexer's q [B,S,Hi,Di]: rotated, Hadamard-transformed (scale 1/sqrt(Di)), rounded to FP4."""
+    q = apply_rope_table(q, table)
+    return fp4_round(mx.hadamard_transform(q, scale=1.0 / math.sqrt(q.shape[-1])))
+
+
+def rope_rows(x: mx.array, table: RopeTable, inverse: bool = False) -> mx.array:
+    """`apply_rope_table` (the attention output's de-rotation uses inverse=True)."""
+    return apply_rope_table(x, table, inverse)
+
+
+def float32_linear(x: mx.array, weight: mx.array) -> mx.array:
+    """x @ weight.T computed in float32 (the reference keeps these projections in float32)."""
+    return x.astype(mx.float32) @ weight.astype(mx.float32).T
+
+
+def scaled_projection(x: mx.array, weight: mx.array, scale: float, dtype: mx.Dtype) -> mx.array:
+    """(x @ weight.T in float32) * scale, in `dtype` (the indexer's head weights)."""
+    return (float32_linear(x, weight) * scale).astype(dtype)
+
+
+def compressor_extend(x: mx.array, wkv: mx.array, wgate: mx.array, ape: mx.array, positions: mx.array,
+                      ratio: int, buffered_kv: mx.array | None, buffered_gate: mx.array | None,
+                      cut: int) -> tuple[mx.array, mx.array]:
+    """The compressor's token buffer extended by x's tokens, without its first `cut` tokens.
+
+    kv = x @ wkv.T, gate = x @ wgate.T + ape[p % ratio] (float32), appended to the buffered [B, n, w]
+    projections; returns ([B, n + S - cut, w], same) float32.
+    """
+    kv = float32_linear(x, wkv)
+    gate = float32_linear(x, wgate) + ape[positions % ratio]
+    if buffered_kv is not None:
+        kv = mx.concatenate([buffered_kv, kv], axis=1)
+        gate = mx.concatenate([buffered_gate, gate], axis=1)
+    if cut:
+        kv, gate = kv[:, cut:], gate[:, cut:]
+    return kv, gate
+
+
+def compressor_entries(kv: mx.array, gate: mx.array, start: int, first_entry: int, count: int, ratio: int,
+                       overlap: bool, norm_weight: mx.array, eps: float, table: RopeTable, hadamard: bool,
+                       dtype: mx.Dtype) -> mx.array:
+    """Entries first_entry .. + count - 1 as the store receives them [B, count, d] in `dtype`: pooled
+    (`pool_compressed_entries`), RMS-normalised with the compressor's norm weight, rotated by their
+    positions j * ratio (`table`), and for the indexer (`hadamard`) Hadamard-transformed (scale 1/sqrt(d))."""
+    pooled = pool_compressed_entries(kv, gate, start, first_entry, count, ratio, overlap)
+    entries = apply_rope_table(mx.fast.rms_norm(pooled.astype(dtype), norm_weight.astype(dtype), eps), table)
+    if hadamard:
+        entries = mx.hadamard_transform(entries, scale=1.0 / math.sqrt(entries.shape[-1]))
+    return entries
+
+
+# --- the MoE's router and activation ------------------------------------------------------------------------
+
+def moe_route(x: mx.array, weight: mx.array, bias: mx.array, k: int, route_scale: float) -> tuple[mx.array, mx.array]:
+    """sqrtsoftplus scores of x @ weight.T; the k experts with the largest score + bias (the bias only
+    picks); their scores normalised to sum to 1, times route_scale. Returns (ids [..., k], weights)."""
+    scores = mx.sqrt(mx.logaddexp(float32_linear(x, weight), 0.0))
+    indices = mx.argpartition(-(scores + bias), kth=k - 1, axis=-1)[..., :k]
+    picked = mx.take_along_axis(scores, indices, axis=-1)
+    return indices, picked / picked.sum(axis=-1, keepdims=True) * route_scale
+
+
+def clamped_swiglu(gate: mx.array, up: mx.array, limit: float) -> mx.array:
+    """silu(min(gate, limit)) * clamp(up, -limit, limit), in float32 (limit 0 disables clamping)."""
+    gate, up = gate.astype(mx.float32), up.astype(mx.float32)
+    if limit > 0:
+        gate, up = mx.minimum(gate, limit), mx.clip(up, -limit, limit)
+    return gate * mx.sigmoid(gate) * up
+
+
+def swiglu(gate: mx.array, up: mx.array, weights: mx.array | None, limit: float, dtype: mx.Dtype) -> mx.array:
+    """The experts' activation in `dtype`: clamped_swiglu, times the routing weight when given.
+
+    gate, up [..., k, 1, I] with weights [..., k] (routed experts) or [..., I] with None (shared expert).
+    """
+    h = clamped_swiglu(gate, up, limit)
+    if weights is not None:
+        h = h * weights[..., None, None].astype(mx.float32)
+    return h.astype(dtype)
 
 
 # --- hyper-connections (mHC): the mixes around every sub-layer ------------------------------------------

@@ -7,6 +7,7 @@ compressed entries and indexer) use `compress_rope_theta` with YaRN. No mscale f
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import mlx.core as mx
 import numpy as np
@@ -36,22 +37,75 @@ def _yarn_blend(freqs: np.ndarray, rope_dims: int, base: float, yarn: dict) -> n
     return (freqs / np.float32(factor) * ramp + freqs * (1 - ramp)).astype(np.float32)
 
 
+class RopeTable(NamedTuple):
+    """cos / sin of every (position, dim) of the rotated part, laid out for the interleaved pairs.
+
+    cos [S, rd]: cos(p * f_k) at dims 2k and 2k+1; sin [S, rd]: -sin(p * f_k) at dim 2k, +sin at 2k+1,
+    so that a rotation is `x * cos + swap_pairs(x) * sin` (two products and a sum per value).
+    """
+
+    cos: mx.array
+    sin: mx.array
+
+
+_pair_constants_of: dict[int, tuple[mx.array, mx.array, mx.array]] = {}
+
+
+def _pair_constants(freqs: mx.array) -> tuple[mx.array, mx.array]:
+    """(each frequency repeated for its pair, the -1/+1 sign of the sin per dim), evaluated once."""
+    hit = _pair_constants_of.get(id(freqs))
+    if hit is None or hit[0] is not freqs:
+        pair_freqs = mx.repeat(freqs, 2)
+        signs = mx.array(np.tile(np.array([-1.0, 1.0], np.float32), freqs.shape[0]))
+        mx.eval(pair_freqs, signs)
+        hit = _pair_constants_of[id(freqs)] = (freqs, pair_freqs, signs)
+    return hit[1], hit[2]
+
+
+_last_tables: dict[int, tuple[mx.array, mx.array, RopeTable]] = {}
+
+
+def rope_table(positions: mx.array, freqs: mx.array) -> RopeTable:
+    """The table of `positions` [S] for `freqs` (float32, angles computed as the reference does).
+
+    The last table built for each `freqs` is remembered with its `positions` array: every layer of a
+    forward pass gets the same positions object, so the table is built once per step, not per layer.
+    """
+    hit = _last_tables.get(id(freqs))
+    if hit is not None and hit[0] is positions and hit[1] is freqs:
+        return hit[2]
+    pair_freqs, signs = _pair_constants(freqs)
+    angles = positions.astype(mx.float32)[:, None] * pair_freqs[None, :]  # [S, rd]
+    table = RopeTable(mx.cos(angles), mx.sin(angles) * signs)
+    _last_tables[id(freqs)] = (positions, freqs, table)
+    return table
+
+
+def swap_pairs(x: mx.array) -> mx.array:
+    """(x0, x1, x2, x3, ...) -> (x1, x0, x3, x2, ...) along the last axis."""
+    return x.reshape(*x.shape[:-1], x.shape[-1] // 2, 2)[..., ::-1].reshape(x.shape)
+
+
+def apply_rope_table(x: mx.array, table: RopeTable, inverse: bool = False) -> mx.array:
+    """Rotate the last `rd` dims of `x` [B, S, ..., d] by the table of its S positions (float32 math).
+
+    Bit-identical to rotating each pair (e, o) into (e cos - o sin, e sin + o cos): the same two products
+    and one sum per value. `inverse=True` rotates by minus the angle (the attention output's de-rotation).
+    """
+    rope_dims = table.cos.shape[-1]
+    shape = (table.cos.shape[0], *([1] * (x.ndim - 3)), rope_dims)
+    cos, sin = table.cos.reshape(shape), table.sin.reshape(shape)
+    rot = x[..., -rope_dims:].astype(mx.float32)
+    swapped = swap_pairs(rot) * sin
+    rotated = (rot * cos - swapped if inverse else rot * cos + swapped).astype(x.dtype)
+    if rope_dims == x.shape[-1]:
+        return rotated
+    return mx.concatenate([x[..., :-rope_dims], rotated], axis=-1)
+
+
 def apply_rope(x: mx.array, positions: mx.array, freqs: mx.array, inverse: bool = False) -> mx.array:
     """Rotate the last `2 * len(freqs)` dims of `x` [B, S, ..., d] by `positions` [S] (float32 math).
 
     `inverse=True` de-rotates (the attention output is rotated back by the query's position).
     """
-    rope_dims = 2 * freqs.shape[0]
-    angles = positions.astype(mx.float32)[:, None] * freqs[None, :]  # [S, rd/2]
-    angles = angles.reshape(angles.shape[0], *([1] * (x.ndim - 3)), angles.shape[1])
-    cos, sin = mx.cos(angles), mx.sin(angles)
-    if inverse:
-        sin = -sin
-    rot = x[..., -rope_dims:].astype(mx.float32)
-    rot = rot.reshape(*rot.shape[:-1], rope_dims // 2, 2)
-    even, odd = rot[..., 0], rot[..., 1]
-    rotated = mx.stack([even * cos - odd * sin, even * sin + odd * cos], axis=-1)
-    rotated = rotated.reshape(*x.shape[:-1], rope_dims).astype(x.dtype)
-    if rope_dims == x.shape[-1]:
-        return rotated
-    return mx.concatenate([x[..., :-rope_dims], rotated], axis=-1)
+    return apply_rope_table(x, rope_table(positions, freqs), inverse)

@@ -68,14 +68,30 @@ class WindowRing:
             return kv_new, positions
         return mx.concatenate([self.kv, kv_new], axis=1), mx.concatenate([self.positions, positions])
 
-    def write(self, kv_new: mx.array, positions: mx.array) -> None:
+    def write(self, kv_new: mx.array, positions: mx.array, start: int | None = None) -> None:
+        """Store the new vectors (the last `capacity` of them) at their slots `position % capacity`.
+
+        `start` (positions[0] as a Python int, when the caller knows it) turns the scatter into at most
+        two slice writes: one graph node per array for a decode step.
+        """
         if self.kv is None:
             self.kv = mx.zeros((kv_new.shape[0], self.capacity, kv_new.shape[-1]), dtype=kv_new.dtype)
-        keep = min(kv_new.shape[1], self.capacity)
-        tail_positions = positions[-keep:]
-        slots = tail_positions % self.capacity
-        self.kv[:, slots] = kv_new[:, -keep:]
-        self.positions[slots] = tail_positions
+        S = kv_new.shape[1]
+        keep = min(S, self.capacity)
+        if start is None:
+            tail_positions = positions[-keep:]
+            slots = tail_positions % self.capacity
+            self.kv[:, slots] = kv_new[:, -keep:]
+            self.positions[slots] = tail_positions
+            return
+        first = S - keep  # index (in this call) of the first vector kept
+        slot = (start + first) % self.capacity
+        head = min(keep, self.capacity - slot)  # vectors up to the ring's end; the rest wrap to slot 0
+        for lo, hi, at in ((first, first + head, slot), (first + head, S, 0)):
+            if hi > lo:
+                whole = lo == 0 and hi == S
+                self.kv[:, at:at + hi - lo] = kv_new if whole else kv_new[:, lo:hi]
+                self.positions[at:at + hi - lo] = positions if whole else positions[lo:hi]
 
     def forget_from(self, position: int) -> None:
         self.positions = mx.where(self.positions >= position, -1, self.positions)
@@ -98,19 +114,24 @@ class Fp8EntryStore:
 
     def append(self, entries: mx.array) -> None:
         """Store `entries` [B, m, d]; their non-RoPE dims must already be FP8-rounded (lossless then)."""
-        batch, m, dims = entries.shape
+        _, m, dims = entries.shape
         if m == 0:
             return
         nope = dims - self.rope_dims
         codes, scales = fp8_encode(entries[..., :nope], FP8_BLOCK)
+        self.append_encoded(codes, scales, entries[..., nope:])
+
+    def append_encoded(self, codes: mx.array, scales: mx.array, rope: mx.array) -> None:
+        """Store entries already encoded: e4m3 codes [B, m, nope], e8m0 scales [B, m, nope / 64], rope dims."""
+        batch, m, nope = codes.shape
         needed = self.count + m
         self.codes = _grown(self.codes, needed, (nope,), batch, mx.uint8)
         self.scales = _grown(self.scales, needed, (nope // FP8_BLOCK,), batch, mx.uint8)
-        self.rope = _grown(self.rope, needed, (self.rope_dims,), batch, entries.dtype)
+        self.rope = _grown(self.rope, needed, (self.rope_dims,), batch, rope.dtype)
         span = slice(self.count, needed)
         self.codes[:, span] = codes
         self.scales[:, span] = scales
-        self.rope[:, span] = entries[..., nope:]
+        self.rope[:, span] = rope
         self.count = needed
 
     def dequantize(self, dtype: mx.Dtype) -> mx.array | None:
@@ -143,13 +164,16 @@ class Fp4EntryStore:
 
     def append(self, keys: mx.array) -> None:
         """Store `keys` [B, m, dims]; they must already be FP4-rounded (lossless then)."""
-        batch, m, dims = keys.shape
-        if m == 0:
+        if keys.shape[1] == 0:
             return
-        packed, scales = fp4_encode(keys, FP4_BLOCK)
+        self.append_encoded(*fp4_encode(keys, FP4_BLOCK))
+
+    def append_encoded(self, packed: mx.array, scales: mx.array) -> None:
+        """Store keys already encoded: packed e2m1 [B, m, dims / 2], e8m0 scales [B, m, dims / 32]."""
+        batch, m, half = packed.shape
         needed = self.count + m
-        self.packed = _grown(self.packed, needed, (dims // 2,), batch, mx.uint8)
-        self.scales = _grown(self.scales, needed, (dims // FP4_BLOCK,), batch, mx.uint8)
+        self.packed = _grown(self.packed, needed, (half,), batch, mx.uint8)
+        self.scales = _grown(self.scales, needed, (half * 2 // FP4_BLOCK,), batch, mx.uint8)
         self.packed[:, self.count:needed] = packed
         self.scales[:, self.count:needed] = scales
         self.count = needed
@@ -182,6 +206,11 @@ class TokenBuffer:
         self.start = 0
         self.kv = self.gate = None
 
+    @property
+    def length(self) -> int:
+        """Tokens buffered."""
+        return 0 if self.kv is None else self.kv.shape[1]
+
     def extend(self, kv: mx.array, gate: mx.array) -> tuple[mx.array, mx.array, int]:
         """Buffered tokens followed by the new ones, and the position of the first."""
         if self.kv is None:
@@ -191,7 +220,9 @@ class TokenBuffer:
     def keep(self, kv: mx.array, gate: mx.array, start: int, keep_from: int) -> None:
         """Retain the tokens of `kv`/`gate` (which begin at `start`) from position `keep_from` on."""
         cut = max(keep_from - start, 0)
-        self.kv, self.gate, self.start = kv[:, cut:], gate[:, cut:], start + cut
+        if cut:
+            kv, gate = kv[:, cut:], gate[:, cut:]
+        self.kv, self.gate, self.start = kv, gate, start + cut
 
     def trim_to(self, end: int) -> None:
         if self.kv is not None:

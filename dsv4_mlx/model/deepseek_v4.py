@@ -18,14 +18,13 @@ import math
 import re
 
 import mlx.core as mx
-import mlx.nn as nn
+from mlx import nn
 from mlx_lm.models.switch_layers import QuantizedSwitchLinear
 
 from ..attention import dispatch as ops
-from ..attention.reference import hc_collapse, hc_mixes
-from ..attention.rope import apply_rope, rope_frequencies
+from ..attention.reference import clamped_swiglu, float32_linear, hc_collapse, hc_mixes  # noqa: F401  (re-exported)
+from ..attention.rope import rope_frequencies, rope_table
 from ..cache import DEFAULT_ROLLBACK, LayerCache
-from ..quant import fp4_round, fp8_round
 from .args import ModelArgs
 
 MX_GROUP = 32  # MX formats: one e8m0 scale per 32 values
@@ -52,11 +51,6 @@ class MXLinear(nn.QuantizedLinear):
 def fp8_linear(in_dims: int, out_dims: int) -> nn.QuantizedLinear:
     """A linear whose weight is the checkpoint's FP8 tensor, held bit-exact as MLX mxfp8."""
     return MXLinear(in_dims, out_dims, bias=False, group_size=MX_GROUP, bits=8, mode="mxfp8")
-
-
-def float32_linear(x: mx.array, weight: mx.array) -> mx.array:
-    """x @ weight.T computed in float32 (the reference keeps these projections in float32)."""
-    return x.astype(mx.float32) @ weight.astype(mx.float32).T
 
 
 class RMSNorm(nn.Module):
@@ -112,9 +106,10 @@ class Compressor(nn.Module):
     block, for ratio 4) waits in the layer cache's `TokenBuffer`.
     """
 
-    def __init__(self, args: ModelArgs, ratio: int, dims: int, freqs: mx.array):
+    def __init__(self, args: ModelArgs, ratio: int, dims: int, freqs: mx.array, hadamard: bool = False):
         super().__init__()
         self.ratio, self.dims, self.overlap = ratio, dims, ratio == 4
+        self.hadamard = hadamard  # the indexer's keys are stored Hadamard-rotated
         width = (2 if self.overlap else 1) * dims
         self.wkv = nn.Linear(args.hidden_size, width, bias=False)
         self.wgate = nn.Linear(args.hidden_size, width, bias=False)
@@ -122,20 +117,30 @@ class Compressor(nn.Module):
         self.norm = RMSNorm(dims, args.rms_norm_eps)
         self._freqs = freqs
 
-    def __call__(self, x: mx.array, positions: mx.array, buffer, rollback: int) -> mx.array | None:
-        """New complete entries [B,n,dims] (normalised and rotated, not yet rounded), or None."""
-        kv = float32_linear(x, self.wkv.weight)
-        gate = float32_linear(x, self.wgate.weight) + self.ape[positions % self.ratio]
-        kv, gate, start = buffer.extend(kv, gate)
-        end = start + kv.shape[1]
-        first, last = (end - x.shape[1]) // self.ratio, end // self.ratio
-        r, blocks_kept = self.ratio, 2 if self.overlap else 1
+    def __call__(self, x: mx.array, positions: mx.array, buffer, rollback: int, store=None) -> mx.array | None:
+        """Buffer x's projections; append every entry its tokens complete to `store` (the store's
+        encoding is the FP8 / FP4 rounding). Without a store, return the new entries [B,n,dims]
+        (normalised and rotated, not rounded, not Hadamard-rotated) or None, as this call used to."""
+        S, r, blocks_kept = x.shape[1], self.ratio, 2 if self.overlap else 1
+        start = buffer.start
+        end = start + buffer.length + S  # the buffer ends at the layer's offset: positions[0] == end - S
+        first, last = (end - S) // r, end // r
+        keep_from = max(0, ((end - rollback) // r - (blocks_kept - 1)) * r)
+        # Tokens before keep_from leave the buffer as it is extended, unless a block completes here:
+        # its pooling reads them first.
+        cut = 0 if last > first else max(keep_from - start, 0)
+        kv, gate = ops.compressor_extend(x, self.wkv.weight, self.wgate.weight, self.ape, positions, r, buffer.kv,
+                                         buffer.gate, cut, end - S)
+        start += cut
         entries = None
-        if last > first:
-            pooled = ops.pool_compressed_entries(kv, gate, start, first, last - first, r, self.overlap)
-            entries = self.norm(pooled.astype(x.dtype))
-            entries = apply_rope(entries, mx.arange(first, last) * r, self._freqs)
-        buffer.keep(kv, gate, start, keep_from=max(0, ((end - rollback) // r - (blocks_kept - 1)) * r))
+        if last > first and store is not None:
+            ops.compressor_emit(store, kv, gate, start, first, last - first, r, self.overlap, self.norm.weight,
+                                self.norm.eps, self._freqs, self.hadamard, x.dtype)
+        elif last > first:
+            table = rope_table(mx.arange(first, last) * r, self._freqs)
+            entries = ops.reference.compressor_entries(kv, gate, start, first, last - first, r, self.overlap,
+                                                       self.norm.weight, self.norm.eps, table, False, x.dtype)
+        buffer.keep(kv, gate, start, keep_from=keep_from)
         return entries
 
 
@@ -147,24 +152,39 @@ class Indexer(nn.Module):
         self.heads, self.dims, self.topk = args.index_n_heads, args.index_head_dim, args.index_topk
         self.wq_b = fp8_linear(args.q_lora_rank, self.heads * self.dims)
         self.weights_proj = nn.Linear(args.hidden_size, self.heads, bias=False)
-        self.compressor = Compressor(args, 4, self.dims, freqs)
+        self.compressor = Compressor(args, 4, self.dims, freqs, hadamard=True)
         self._freqs = freqs
 
     def rotate(self, v: mx.array) -> mx.array:
         return mx.hadamard_transform(v, scale=1.0 / math.sqrt(self.dims))
 
     def __call__(self, x: mx.array, qr: mx.array, positions: mx.array, cache: LayerCache) -> mx.array | None:
-        keys = self.compressor(x, positions, cache.index_buffer, cache.rollback)
-        if keys is not None:
-            cache.index_keys.append(self.rotate(keys))  # the FP4 store is the rounding
+        self.compressor(x, positions, cache.index_buffer, cache.rollback, cache.index_keys)
         stored = cache.index_keys if cache.index_keys.count else None  # FP4 bytes, read in place by kernels
         if stored is None:
             return None
         B, S, _ = x.shape
-        q = self.wq_b(qr).reshape(B, S, self.heads, self.dims)
-        q = fp4_round(self.rotate(apply_rope(q, positions, self._freqs)))
-        weights = float32_linear(x, self.weights_proj.weight) * (self.dims ** -0.5 * self.heads ** -0.5)
-        return ops.indexer_topk(q, weights.astype(q.dtype), stored, positions, 4, self.topk)
+        q = ops.indexer_query(self.wq_b(qr).reshape(B, S, self.heads, self.dims), rope_table(positions, self._freqs))
+        weights = ops.scaled_projection(x, self.weights_proj.weight, self.dims ** -0.5 * self.heads ** -0.5, q.dtype)
+        return ops.indexer_topk(q, weights, stored, positions, 4, self.topk)
+
+
+_batch_ids: dict[tuple[int, ...], mx.array] = {}
+
+
+def gathered_matmul(linear: QuantizedSwitchLinear, x: mx.array, indices: mx.array) -> mx.array:
+    """`linear(x, indices)` (unsorted), with x's batch indices passed as a constant: MLX would otherwise
+    build them with an arange every call (one more dispatch for each routed projection)."""
+    batch = x.shape[:-2]
+    lhs = _batch_ids.get(batch)
+    if lhs is None:
+        lhs = mx.arange(math.prod(batch), dtype=mx.uint32).reshape(batch)
+        if math.prod(batch) <= 4096:  # decode-sized batches: keep the constant
+            mx.eval(lhs)
+            _batch_ids[batch] = lhs
+    return mx.gather_qmm(x, linear["weight"], linear["scales"], linear.get("biases"), lhs_indices=lhs,
+                         rhs_indices=indices, transpose=True, group_size=linear.group_size, bits=linear.bits,
+                         mode=linear.mode)
 
 
 class GroupedOutput(nn.Module):
@@ -175,10 +195,12 @@ class GroupedOutput(nn.Module):
         self.proj = QuantizedSwitchLinear(in_dims, rank, groups, bias=False, group_size=MX_GROUP, bits=8,
                                           mode="mxfp8")
         self.groups = groups
+        self._group_ids = mx.arange(groups, dtype=mx.uint32)  # a constant (not a parameter)
+        mx.eval(self._group_ids)
 
     def __call__(self, o: mx.array) -> mx.array:
         """o [B,S,groups,in] -> [B,S,groups*rank]."""
-        out = self.proj(o[..., None, :], mx.arange(self.groups))
+        out = gathered_matmul(self.proj, o[..., None, :], self._group_ids)
         return out.reshape(*o.shape[:-2], -1)
 
 
@@ -208,23 +230,24 @@ class Attention(nn.Module):
             self.indexer = Indexer(args, self._freqs)
 
     def __call__(self, x: mx.array, positions: mx.array, cache: LayerCache) -> mx.array:
+        """x [B,S,D] at `positions` (cache.offset + arange(S), as the model builds them)."""
         B, S, _ = x.shape
+        table = rope_table(positions, self._freqs)  # shared by every layer of this step (same positions)
         qr = self.q_norm(self.wq_a(x))
-        q = self.wq_b(qr).reshape(B, S, self.heads, self.head_dim)
-        qf = q.astype(mx.float32)
-        q = (qf * mx.rsqrt(mx.mean(qf * qf, axis=-1, keepdims=True) + self.eps)).astype(q.dtype)
-        q = apply_rope(q, positions, self._freqs)
-        kv = apply_rope(self.kv_norm(self.wkv(x)), positions, self._freqs)
-        nope = self.head_dim - self.rope_dims
-        kv = mx.concatenate([fp8_round(kv[..., :nope], 64), kv[..., nope:]], axis=-1)
-        window_kv, window_positions = cache.window.keys_with(kv, positions)
-        cache.window.write(kv, positions)
+        q = ops.attention_query(self.wq_b(qr).reshape(B, S, self.heads, self.head_dim), table, self.eps)
+        kv = ops.attention_kv(self.wkv(x), table, self.kv_norm.weight, self.kv_norm.eps)
+        if S == 1 and ops.kernels_enabled():
+            # Decode on a GPU: write first, attend over the ring alone (no concatenation). The slot this
+            # token takes held position p - capacity, which the window (p - window, p] no longer sees.
+            cache.window.write(kv, positions, cache.offset)
+            window_kv, window_positions = cache.window.kv, cache.window.positions
+        else:
+            window_kv, window_positions = cache.window.keys_with(kv, positions)
+            cache.window.write(kv, positions, cache.offset)
 
         entries = selection = None
         if self.ratio:
-            new = self.compressor(x, positions, cache.compressor_buffer, cache.rollback)
-            if new is not None:
-                cache.entries.append(new)  # the FP8 store is the rounding
+            self.compressor(x, positions, cache.compressor_buffer, cache.rollback, cache.entries)
             # The store itself: GPU kernels read its FP8 bytes in place; the reference dequantizes it.
             entries = cache.entries if cache.entries.count else None
             if self.ratio == 4:  # always run: its compressor must see every token
@@ -233,17 +256,9 @@ class Attention(nn.Module):
 
         o = ops.sparse_attention(q, window_kv, window_positions, self.window, entries, selection, self.ratio,
                                  positions, self.attn_sink, self.head_dim ** -0.5)
-        o = apply_rope(o, positions, self._freqs, inverse=True)
+        o = ops.rope_rows(o, table, inverse=True)
         o = self.wo_a(o.reshape(B, S, self.wo_a.groups, -1))
         return self.wo_b(o)
-
-
-def clamped_swiglu(gate: mx.array, up: mx.array, limit: float) -> mx.array:
-    """silu(min(gate, limit)) * clamp(up, -limit, limit), in float32 (limit 0 disables clamping)."""
-    gate, up = gate.astype(mx.float32), up.astype(mx.float32)
-    if limit > 0:
-        gate, up = mx.minimum(gate, limit), mx.clip(up, -limit, limit)
-    return nn.silu(gate) * up
 
 
 class SharedExpert(nn.Module):
@@ -256,7 +271,7 @@ class SharedExpert(nn.Module):
         self.limit = args.swiglu_limit
 
     def __call__(self, x: mx.array) -> mx.array:
-        return self.w2(clamped_swiglu(self.w1(x), self.w3(x), self.limit).astype(x.dtype))
+        return self.w2(ops.swiglu(self.w1(x), self.w3(x), None, self.limit, x.dtype))
 
 
 class RoutedExperts(nn.Module):
@@ -266,7 +281,7 @@ class RoutedExperts(nn.Module):
         super().__init__()
         bits, mode = (4, "mxfp4") if args.expert_dtype == "fp4" else (8, "mxfp8")
         n, d, inter = args.n_routed_experts, args.hidden_size, args.moe_intermediate_size
-        kw = dict(bias=False, group_size=MX_GROUP, bits=bits, mode=mode)
+        kw = {"bias": False, "group_size": MX_GROUP, "bits": bits, "mode": mode}
         self.w1 = QuantizedSwitchLinear(d, inter, n, **kw)
         self.w2 = QuantizedSwitchLinear(inter, d, n, **kw)
         self.w3 = QuantizedSwitchLinear(d, inter, n, **kw)
@@ -274,17 +289,18 @@ class RoutedExperts(nn.Module):
 
     def __call__(self, x: mx.array, indices: mx.array, weights: mx.array) -> mx.array:
         """x [B,S,D], indices/weights [B,S,k] -> sum_k weights_k * expert_k(x), weight applied before w2."""
-        k = indices.shape[-1]
         # Sorting tokens by expert makes gather_qmm read each expert's weights once (long prefills).
         do_sort = indices.size >= 64
         xe = mx.expand_dims(x, (-2, -3))  # [B,S,1,1,D]
         idx, w = indices, weights
         if do_sort:
             xe, idx, w, inverse = _sort_by_expert(xe, indices, weights)
-        h = clamped_swiglu(self.w1(xe, idx, sorted_indices=do_sort), self.w3(xe, idx, sorted_indices=do_sort),
-                           self.limit)
-        h = (h * w[..., None, None].astype(mx.float32)).astype(x.dtype)
-        out = self.w2(h, idx, sorted_indices=do_sort)
+        if do_sort:
+            gate, up = self.w1(xe, idx, sorted_indices=True), self.w3(xe, idx, sorted_indices=True)
+        else:
+            gate, up = gathered_matmul(self.w1, xe, idx), gathered_matmul(self.w3, xe, idx)
+        h = ops.swiglu(gate, up, w, self.limit, x.dtype)
+        out = self.w2(h, idx, sorted_indices=True) if do_sort else gathered_matmul(self.w2, h, idx)
         if do_sort:
             out = out[inverse].reshape(*indices.shape, 1, -1)
         return out.squeeze(-2).sum(axis=-2)
@@ -312,12 +328,10 @@ class Gate(nn.Module):
         self.hashed, self.k, self.route_scale = hashed, args.num_experts_per_tok, args.routed_scaling_factor
 
     def __call__(self, x: mx.array, ids: mx.array) -> tuple[mx.array, mx.array]:
+        if not self.hashed:  # the bias only picks the experts; the weights come from the unbiased scores
+            return ops.moe_route(x, self.weight, self.bias, self.k, self.route_scale)
         scores = mx.sqrt(nn.softplus(float32_linear(x, self.weight)))
-        if self.hashed:
-            indices = self.tid2eid[ids]
-        else:
-            # The bias only picks the experts; the weights come from the unbiased scores.
-            indices = mx.argpartition(-(scores + self.bias), kth=self.k - 1, axis=-1)[..., :self.k]
+        indices = self.tid2eid[ids]
         picked = mx.take_along_axis(scores, indices, axis=-1)
         return indices, picked / picked.sum(axis=-1, keepdims=True) * self.route_scale
 
