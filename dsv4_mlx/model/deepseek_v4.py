@@ -119,8 +119,8 @@ class Compressor(nn.Module):
 
     def __call__(self, x: mx.array, positions: mx.array, buffer, rollback: int, store=None) -> mx.array | None:
         """Buffer x's projections; append every entry its tokens complete to `store` (the store's
-        encoding is the FP8 / FP4 rounding). Without a store, return the new entries [B,n,dims]
-        (normalised and rotated, not rounded, not Hadamard-rotated) or None, as this call used to."""
+        encoding is the FP8 / FP4 rounding). Without a store (tests, tools), return the new entries
+        [B,n,dims] instead: normalised and rotated, neither rounded nor Hadamard-rotated; None if none."""
         S, r, blocks_kept = x.shape[1], self.ratio, 2 if self.overlap else 1
         start = buffer.start
         end = start + buffer.length + S  # the buffer ends at the layer's offset: positions[0] == end - S
@@ -154,9 +154,6 @@ class Indexer(nn.Module):
         self.weights_proj = nn.Linear(args.hidden_size, self.heads, bias=False)
         self.compressor = Compressor(args, 4, self.dims, freqs, hadamard=True)
         self._freqs = freqs
-
-    def rotate(self, v: mx.array) -> mx.array:
-        return mx.hadamard_transform(v, scale=1.0 / math.sqrt(self.dims))
 
     def __call__(self, x: mx.array, qr: mx.array, positions: mx.array, cache: LayerCache) -> mx.array | None:
         self.compressor(x, positions, cache.index_buffer, cache.rollback, cache.index_keys)
