@@ -38,6 +38,7 @@ from pathlib import Path
 
 import mlx.core as mx
 import numpy as np
+from types import SimpleNamespace
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -472,12 +473,8 @@ def time_attention(contexts: list[int]) -> None:
     for ctx in contexts:
         for ratio in (4, 128):
             count = ctx // ratio
-            kv, wpos, positions = window_state(1, ctx - 1, d, mx.bfloat16, 1)
-            q = mx.random.normal((1, 1, h, d)).astype(mx.bfloat16)
-            sink = mx.zeros((h,))
-            store = fp8_store(1, count, d, rd, mx.bfloat16)
-            sel = selection_for(1, np.array(positions), 4, 512, count, False) if ratio == 4 else None
-            view = kernels.Fp8Entries(store.codes, store.scales, store.rope, store.count)
+            c = flash_decode_case(ctx, ratio, d, rd, h)
+            q, kv, wpos, positions, sink, store, sel, view = c.q, c.kv, c.wpos, c.positions, c.sink, c.store, c.sel, c.view
             args = (q, kv, wpos, 128)
             t_k = both(lambda: kernels.sparse_attention(*args, view, sel, ratio, positions, sink, d ** -0.5))
             t_r = both(lambda: reference.sparse_attention(*args, store.dequantize(mx.bfloat16), sel, ratio,
@@ -497,17 +494,24 @@ def time_attention(contexts: list[int]) -> None:
                     say(f"      heads_per_group={hg:2d} splits={splits} tile={tile:2d}: not launchable ({exc})")
 
 
+def flash_decode_case(ctx: int, ratio: int, d: int = 512, rd: int = 64, h: int = 64) -> SimpleNamespace:
+    """One Flash-size decode query at context `ctx`: window, FP8 store (and its kernel view), selection."""
+    kv, wpos, positions = window_state(1, ctx - 1, d, mx.bfloat16, 1)
+    store = fp8_store(1, ctx // ratio, d, rd, mx.bfloat16)
+    return SimpleNamespace(
+        q=mx.random.normal((1, 1, h, d)).astype(mx.bfloat16), kv=kv, wpos=wpos, positions=positions,
+        sink=mx.zeros((h,)), store=store,
+        sel=selection_for(1, np.array(positions), 4, 512, store.count, False) if ratio == 4 else None,
+        view=kernels.Fp8Entries(store.codes, store.scales, store.rope, store.count))
+
+
 def sweep_attention() -> None:
     """Launch shapes of the attention at 256K (B=1), GPU time per call with 20 calls in flight."""
     say("\n== sweep: attention launch shapes, ctx 256K, B=1 (us per call, 20 in flight) ==")
-    d, rd, h, ctx = 512, 64, 64, 262144
-    kv, wpos, positions = window_state(1, ctx - 1, d, mx.bfloat16, 1)
-    q = mx.random.normal((1, 1, h, d)).astype(mx.bfloat16)
-    sink = mx.zeros((h,))
+    d, h, ctx = 512, 64, 262144
     for ratio in (4, 128):
-        store = fp8_store(1, ctx // ratio, d, rd, mx.bfloat16)
-        sel = selection_for(1, np.array(positions), 4, 512, store.count, False) if ratio == 4 else None
-        view = kernels.Fp8Entries(store.codes, store.scales, store.rope, store.count)
+        c = flash_decode_case(ctx, ratio, d=d, h=h)
+        q, kv, wpos, positions, sink, store, sel, view = c.q, c.kv, c.wpos, c.positions, c.sink, c.store, c.sel, c.view
         keys = 145 + (512 if ratio == 4 else store.count)
         truth = numpy_attention(q, kv, wpos, 128, store.dequantize(mx.bfloat16), sel, ratio, positions, sink,
                                 d ** -0.5)
@@ -575,21 +579,18 @@ def time_hc() -> None:
 
 def profile_once() -> None:
     """Each kernel at its Flash decode size, twice (run under ncu: `ncu -k regex:dsv4 ...`)."""
-    d, rd, h, ctx = 512, 64, 64, 262144
-    kv, wpos, positions = window_state(1, ctx - 1, d, mx.bfloat16, 1)
-    q = mx.random.normal((1, 1, h, d)).astype(mx.bfloat16)
-    sink = mx.zeros((h,))
+    d, ctx = 512, 262144
     for ratio in (4, 128):
-        store = fp8_store(1, ctx // ratio, d, rd, mx.bfloat16)
-        sel = selection_for(1, np.array(positions), 4, 512, store.count, False) if ratio == 4 else None
-        view = kernels.Fp8Entries(store.codes, store.scales, store.rope, store.count)
+        c = flash_decode_case(ctx, ratio)
         for _ in range(2):
-            mx.eval(kernels.sparse_attention(q, kv, wpos, 128, view, sel, ratio, positions, sink, d ** -0.5))
+            mx.eval(kernels.sparse_attention(c.q, c.kv, c.wpos, 128, c.view, c.sel, ratio, c.positions, c.sink,
+                                             d ** -0.5))
     qi = fp4_round(mx.random.normal((1, 1, 64, 128))).astype(mx.bfloat16)
     wi = (mx.random.normal((1, 1, 64)) * 0.01).astype(mx.bfloat16)
     keys = fp4_store(1, ctx // 4, 128, mx.bfloat16)
     for _ in range(2):
-        mx.eval(kernels.indexer_topk(qi, wi, kernels.Fp4Keys(keys.packed, keys.scales, keys.count), positions, 4, 512))
+        mx.eval(kernels.indexer_topk(qi, wi, kernels.Fp4Keys(keys.packed, keys.scales, keys.count), c.positions, 4,
+                                     512))
     x = mx.random.normal((1, 1, 4, 4096)).astype(mx.bfloat16)
     fn = mx.random.normal((24, 4 * 4096)) * 0.01
     for _ in range(2):
