@@ -22,7 +22,7 @@ from mlx import nn
 from mlx_lm.models.switch_layers import QuantizedSwitchLinear
 
 from ..attention import dispatch as ops
-from ..attention.reference import clamped_swiglu, float32_linear, hc_collapse, hc_mixes  # noqa: F401  (re-exported)
+from ..attention.reference import float32_linear, hc_collapse, hc_mixes
 from ..attention.rope import rope_frequencies, rope_table
 from ..cache import DEFAULT_ROLLBACK, LayerCache
 from .args import ModelArgs
