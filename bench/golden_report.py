@@ -1,6 +1,8 @@
 """Print the model's distance to DeepSeek's reference on the tiny golden checkpoint (docs/accuracy.md).
 
-    python bench/golden_report.py
+    python bench/golden_report.py              # whatever this machine runs by default
+    python bench/golden_report.py --kernels    # on a GPU: the same with kernels on and off, and the bf16
+                                               # model's logits with kernels vs the reference path
 """
 
 from __future__ import annotations
@@ -56,7 +58,39 @@ def bf16_block_report(golden: dict) -> None:
         print(f"bf16 block {i} (ratio {model.args.compress_ratio(i)}): rel L2 {rel(out, golden['layer_hidden'][i]):.2e}")
 
 
+def bf16_decode_logits(golden: dict) -> mx.array:
+    """The bf16 model's logits for the golden prompt's prefill, then 60 decode steps."""
+    model = load_model(FIXTURE / "checkpoint", dtype=mx.bfloat16)
+    tokens, cache = golden["tokens"], model.make_cache()
+    steps = [model(tokens[:, :PROMPT], cache)[:, -1]]
+    for t in range(60):
+        steps.append(model(tokens[:, PROMPT + t:PROMPT + t + 1], cache)[:, 0])
+        mx.eval(steps[-1])
+    return mx.stack(steps, axis=1).astype(mx.float32)
+
+
+def kernels_report(golden: dict) -> None:
+    from dsv4_mlx.attention import dispatch
+
+    bf16 = {}
+    for mode in ("kernels", "reference"):
+        dispatch.force_reference(mode == "reference")
+        print(f"-- {mode}: kernels enabled {dispatch.kernels_enabled()}, device {mx.default_device()}")
+        float32_report(golden)
+        bf16[mode] = bf16_decode_logits(golden)
+    dispatch.force_reference(None)
+    print(f"bf16 model, prefill + 60 decode steps, kernels vs reference: logits rel L2 "
+          f"{rel(bf16['kernels'], bf16['reference']):.2e}, argmax {agree(bf16['kernels'], bf16['reference']):.1%}; "
+          f"vs the float32 golden: kernels {rel(bf16['kernels'][:, 1:], golden['decode_logits']):.2e}, "
+          f"reference {rel(bf16['reference'][:, 1:], golden['decode_logits']):.2e}")
+
+
 if __name__ == "__main__":
+    import sys
+
     data = mx.load(str(FIXTURE / "reference-fp32.safetensors"))
-    float32_report(data)
-    bf16_block_report(data)
+    if "--kernels" in sys.argv[1:]:
+        kernels_report(data)
+    else:
+        float32_report(data)
+        bf16_block_report(data)

@@ -361,18 +361,18 @@ def check_decode_kernels() -> None:
         return mx.array((np.array(x.astype(mx.float32), np.float64) @ np.array(w.astype(mx.float32), np.float64).T
                          * scale).astype(np.float32))
 
-    for batch, n_old, cut in ((1, 21, 4), (2, 24, 0), (1, 0, 0)):
+    for batch, slots, position in ((1, 24, 4099), (2, 24, 4103), (1, 256, 262143)):
         x = mx.random.normal((batch, 1, 4096)).astype(bf16)
         wkv, wgate = (mx.random.normal((1024, 4096)) * 0.02).astype(bf16), (mx.random.normal((1024, 4096)) * 0.02).astype(bf16)
         ape = mx.random.normal((4, 1024))
-        bufs = (mx.random.normal((batch, n_old, 1024)), mx.random.normal((batch, n_old, 1024))) if n_old else (None, None)
-        pos = mx.array([4099], mx.int32)
-        got = kernels.decode_gemv(x.reshape(batch, -1), wkv, wgate, add_b=ape, add_row=4099 % 4, buf_a=bufs[0],
-                                  buf_b=bufs[1], cut=cut)
-        want = reference.compressor_extend(x, wkv, wgate, ape, pos, 4, bufs[0], bufs[1], cut)
+        rings = mx.random.normal((batch, slots, 1024)), mx.random.normal((batch, slots, 1024))
+        pos = mx.array([position], mx.int32)
+        got = kernels.decode_gemv(x.reshape(batch, -1), wkv, wgate, add_b=ape, ratio=4, positions=pos,
+                                  ring_a=rings[0], ring_b=rings[1])
+        want = reference.compressor_ring_extend(x, wkv, wgate, ape, pos, 4, *rings)
         new_kv = truth_gemv(x.reshape(batch, -1), wkv)
-        report(f"compressor_extend B={batch} n={n_old} cut={cut}: kv", got[0], want[0], 3e-3)
-        report("   its new row vs float64", got[0][:, -1], new_kv, 1e-5)
+        report(f"compressor_ring_extend B={batch} slots={slots} p={position}: kv", got[0], want[0], 3e-3)
+        report("   its new row vs float64", got[0][:, position % slots], new_kv, 1e-5)
         report("   gate (with ape)", got[1], want[1], 3e-3)
     x = mx.random.normal((3, 4096)).astype(bf16)
     w = (mx.random.normal((64, 4096)) * 0.02).astype(bf16)
@@ -429,6 +429,30 @@ def check_decode_kernels() -> None:
         report(label + " (decoded)", got.dequantize(mx.float32), want.dequantize(mx.float32), 0.1 if least < 0.99 else 2e-2)
         for name in ("packed", "scales") if fp4 else ("codes", "scales", "rope"):
             a, b = (getattr(store, name)[:, :count] for store in (got, want))
+            same = float(np.mean(np.array(a.astype(mx.float32)) == np.array(b.astype(mx.float32))))
+            say(f"      {name}: {same * 100:.2f}% identical")
+            expect(same >= (least if name != "scales" else 0.9), f"{label} {name}: {same:.3f} identical")
+    ring_cases = [  # (label, dims, ratio, overlap, fp4, batch, slots, entry, dtype, least identical)
+        ("emit from ring r4 FP8 entry 1025", 512, 4, True, False, 2, 24, 1025, bf16, 0.99),
+        ("emit from ring r4 FP8 entry 0", 512, 4, True, False, 1, 24, 0, bf16, 0.99),
+        ("emit from ring r4 FP8 entry 6 (wraps)", 512, 4, True, False, 1, 24, 6, bf16, 0.99),
+        ("emit from ring r128 FP8 entry 2047", 512, 128, False, False, 1, 256, 2047, bf16, 0.99),
+        ("emit from ring r4 FP4 entry 1025 float32", 128, 4, True, True, 2, 24, 1025, mx.float32, 0.99),
+    ]
+    for label, dims, ratio, overlap, fp4, batch, slots, entry, dtype, least in ring_cases:
+        width = (2 if overlap else 1) * dims
+        kv, gate_ = mx.random.normal((batch, slots, width)), mx.random.normal((batch, slots, width)) * 2
+        weight = (1 + 0.2 * mx.random.normal((dims,))).astype(dtype)
+        pos = mx.array([(entry + 1) * ratio - 1], mx.int32)
+        got = Fp4EntryStore() if fp4 else Fp8EntryStore(64)
+        encoded = kernels.plan_compressor_emit(kv, gate_, 0, 0, 1, ratio, overlap, weight, 1e-6,
+                                               _pair_constants(freqs)[0], fp4, dtype, positions=pos).run()
+        got.append_encoded(*encoded[:2]) if fp4 else got.append_encoded(*encoded)
+        want = Fp4EntryStore() if fp4 else Fp8EntryStore(64)
+        want.append(reference.compressor_ring_entry(kv, gate_, pos, ratio, overlap, weight, 1e-6, freqs, fp4, dtype))
+        report(label + " (decoded)", got.dequantize(mx.float32), want.dequantize(mx.float32), 2e-2)
+        for name in ("packed", "scales") if fp4 else ("codes", "scales", "rope"):
+            a, b = (getattr(store, name)[:, :1] for store in (got, want))
             same = float(np.mean(np.array(a.astype(mx.float32)) == np.array(b.astype(mx.float32))))
             say(f"      {name}: {same * 100:.2f}% identical")
             expect(same >= (least if name != "scales" else 0.9), f"{label} {name}: {same:.3f} identical")
@@ -651,20 +675,17 @@ def filled_cache(args, layer_id: int, ctx: int, batch: int = 1) -> LayerCache:
     if ratio:
         e = mx.random.normal((batch, ctx // ratio, d)).astype(mx.bfloat16)
         cache.entries.append(e)
-        _fill_buffer(cache.compressor_buffer, ctx, ratio, (2 if ratio == 4 else 1) * d, batch, cache.rollback)
+        _fill_ring(cache.compressor_buffer, (2 if ratio == 4 else 1) * d, batch)
     if ratio == 4:
         cache.index_keys.append(fp4_round(mx.random.normal((batch, ctx // 4, args.index_head_dim))))
-        _fill_buffer(cache.index_buffer, ctx, 4, 2 * args.index_head_dim, batch, cache.rollback)
+        _fill_ring(cache.index_buffer, 2 * args.index_head_dim, batch)
     cache.offset = ctx
     mx.eval(cache.state)
     return cache
 
 
-def _fill_buffer(buffer, ctx: int, ratio: int, width: int, batch: int, rollback: int) -> None:
-    blocks_kept = 2 if ratio == 4 else 1
-    start = max(0, ((ctx - rollback) // ratio - (blocks_kept - 1)) * ratio)
-    n = ctx - start
-    buffer.load([mx.random.normal((batch, n, width)), mx.random.normal((batch, n, width))], start)
+def _fill_ring(ring, width: int, batch: int) -> None:
+    ring.load([mx.random.normal((batch, ring.capacity, width)), mx.random.normal((batch, ring.capacity, width))])
 
 
 def _cache_arrays(cache: LayerCache) -> list[mx.array]:
@@ -806,6 +827,200 @@ def time_layers(contexts: list[int], out_dir: Path, simulated: bool = False, ste
         mx.clear_cache()
 
 
+def _set_compile(flag: bool) -> None:
+    import os
+
+    os.environ["DSV4_COMPILE"] = "1" if flag else "0"
+
+
+def time_pipeline(contexts: list[int], chain: int = 43) -> None:
+    """A layer's decode step as a model runs it: `chain` steps (one per layer of a 43-layer model) built
+    back to back, handed to the GPU every ASYNC_EVAL_EVERY steps, synchronised once; per step = total /
+    chain. Against the same steps each built, evaluated and synchronised alone; with the block's pure
+    step compiled (the default on a GPU) and eager. Also the CPU time to build a step's graph."""
+    from dsv4_mlx.attention.rope import rope_table
+    from dsv4_mlx.model import deepseek_v4
+
+    say(f"\n== a Flash layer's decode step in a {chain}-step chain (as in a model step), B=1 ==")
+    for layer_id in (4, 3):
+        args, block = flash_block(layer_id)
+        ratio = args.compress_ratio(layer_id)
+        for ctx in contexts:
+            parts = []
+            for compiled in (True, False):
+                _set_compile(compiled)
+                mx.random.seed(ctx + layer_id)
+                cache = filled_cache(args, layer_id, ctx)
+                x = mx.random.normal((1, 1, args.hc_mult, args.hidden_size)).astype(mx.bfloat16)
+                ids = mx.array([[7]])
+                mx.eval(x)
+                offset = ctx
+
+                def step(block=block):
+                    nonlocal offset
+                    pos = mx.array([offset], mx.int32)
+                    offset += 1
+                    return block(x, ids, pos, cache)
+
+                alone, builds = [], []
+                for i in range(12):
+                    pos = mx.array([offset], mx.int32)
+                    offset += 1
+                    mx.eval(*rope_table(pos, block.attn._freqs))
+                    mx.synchronize()
+                    t0 = time.perf_counter()
+                    h = block(x, ids, pos, cache)
+                    builds.append(time.perf_counter() - t0)
+                    mx.eval(h, *_cache_arrays(cache))
+                    mx.synchronize()
+                    alone.append(time.perf_counter() - t0)
+                chained = []
+                for _ in range(3):
+                    mx.synchronize()
+                    t0 = time.perf_counter()
+                    for i in range(chain):
+                        h = step()
+                        if (i + 1) % deepseek_v4.ASYNC_EVAL_EVERY == 0:
+                            mx.async_eval(h)
+                    mx.eval(h, *_cache_arrays(cache))
+                    mx.synchronize()
+                    chained.append((time.perf_counter() - t0) / chain)
+                build = f"{statistics.median(builds[4:]) * 1e6:.0f}"
+                parts.append(f"{'compiled' if compiled else 'eager'}: chained {min(chained) * 1e3:.3f} ms "
+                             f"(runs {', '.join(f'{c * 1e3:.3f}' for c in chained)}), alone "
+                             f"{statistics.median(alone[4:]) * 1e3:.3f} ms, of which building the graph {build} us")
+            _set_compile(True)
+            say(f"  layer {layer_id} (ratio {ratio}) ctx {ctx // 1024}K:\n     " + "\n     ".join(parts))
+        del block
+        mx.clear_cache()
+
+
+def flash_model(layers: int = 43):
+    """A Flash-sized model with random weights whose 43 layers share one set of routed experts (all of
+    them would need ~290 GB; a decode step still reads 6 experts a layer, 80 MB, as the real model)."""
+    from mlx.utils import tree_flatten, tree_unflatten
+
+    from dsv4_mlx.model import ModelArgs
+    from dsv4_mlx.model.deepseek_v4 import Model
+
+    args = ModelArgs.from_dict({**FLASH, "num_hidden_layers": layers})
+    model = Model(args)
+    shared = model.layers[0].ffn.experts
+    for block in (*model.layers[1:], *model.mtp):
+        block.ffn.experts = shared
+    updates = []
+    for name, value in tree_flatten(model.parameters()):
+        if value.dtype != mx.float32 or ".experts." in name:
+            continue
+        keep_f32 = any(key in name for key in ("hc_", "attn_sink", "ape", "bias"))
+        fresh = mx.ones(value.shape) if "norm" in name else mx.random.normal(value.shape) * 0.02
+        updates.append((name, fresh.astype(mx.float32 if keep_f32 else mx.bfloat16)))
+    model.update(tree_unflatten(updates))
+    mx.eval(model.parameters())
+    return args, model
+
+
+def time_model(contexts: list[int], tokens: int = 24) -> None:
+    """The whole model's decode step (43 Flash-sized layers, random weights, shared experts): ms per
+    token with the model's default path (kernels, compiled steps) synchronised every token as the engine
+    does, and pipelined (the next token's graph built before the last one is read, as mlx-lm does);
+    graph nodes per decoded token; logits with kernels on vs the reference path from identical caches."""
+    from dsv4_mlx.model import deepseek_v4
+
+    say("\n== the whole model (43 Flash-sized layers, shared experts), decode at batch 1 ==")
+    args, model = flash_model()
+    say(f"  GPU memory in use after loading: {mx.get_active_memory() / 1e9:.1f} GB")
+
+    def caches(ctx: int):
+        mx.random.seed(ctx)
+        return [filled_cache(args, i, ctx) for i in range(args.num_hidden_layers)]
+
+    for ctx in contexts:
+        cache = caches(ctx)
+        token = mx.array([[7]])
+        for _ in range(3):  # traces and warm-up
+            token = mx.argmax(model(token, cache)[:, -1], axis=-1)[:, None]
+            mx.eval(token)
+        synced = []
+        for _ in range(tokens):
+            t0 = time.perf_counter()
+            token = mx.argmax(model(token, cache)[:, -1], axis=-1)[:, None]
+            mx.eval(token)
+            token = mx.array([[token.item()]])
+            synced.append(time.perf_counter() - t0)
+        mx.synchronize()
+        t0 = time.perf_counter()
+        pending = mx.argmax(model(token, cache)[:, -1], axis=-1)[:, None]
+        mx.async_eval(pending)
+        for _ in range(tokens - 1):
+            nxt = mx.argmax(model(pending, cache)[:, -1], axis=-1)[:, None]
+            mx.async_eval(nxt)
+            pending.item()
+            pending = nxt
+        pending.item()
+        piped = (time.perf_counter() - t0) / tokens
+        sync_ms = statistics.median(synced) * 1e3
+        say(f"  ctx {ctx // 1024}K: synchronised {sync_ms:.2f} ms/token ({1e3 / sync_ms:.1f} tok/s, "
+            f"{sync_ms / args.num_hidden_layers:.3f} ms a layer); pipelined {piped * 1e3:.2f} ms/token "
+            f"({1 / piped:.1f} tok/s, {piped * 1e3 / args.num_hidden_layers:.3f} ms a layer)")
+        if ctx == contexts[0]:
+            every = deepseek_v4.ASYNC_EVAL_EVERY
+            deepseek_v4.ASYNC_EVAL_EVERY = 1 << 30  # one graph for the whole step, to count it
+            logits = model(token, cache)
+            arrays = [a for c in cache for a in _cache_arrays(c)]
+            total, compute, by = graph_nodes([logits, *arrays], Path(tempfile.mkdtemp()) / "model.dot")
+            deepseek_v4.ASYNC_EVAL_EVERY = every
+            mx.eval(logits, *arrays)
+            top = ", ".join(f"{k} {v}" for k, v in sorted(by.items(), key=lambda kv: -kv[1])[:12])
+            say(f"  graph nodes per decoded token (whole model, ctx {ctx // 1024}K): {compute} compute / {total} all "
+                f"= {compute / args.num_hidden_layers:.1f} compute a layer; {top}")
+        del cache
+        mx.clear_cache()
+    ctx = contexts[0]
+    outs = {}
+    for mode in ("kernels", "reference"):
+        dispatch.force_reference(mode == "reference")
+        cache = caches(ctx)
+        outs[mode] = []
+        for t in (7, 1000, 31337):  # evaluated step by step: the reference's graph is ~900 nodes a layer
+            outs[mode].append(model(mx.array([[t % args.vocab_size]]), cache)[:, -1].astype(mx.float32))
+            mx.eval(outs[mode][-1], [a for c in cache for a in _cache_arrays(c)])
+        del cache
+    dispatch.force_reference(None)
+    for i, (a, b) in enumerate(zip(outs["kernels"], outs["reference"])):
+        rel = rel_err(a, b)[0]
+        same = int(mx.argmax(a).item()) == int(mx.argmax(b).item())
+        say(f"  logits, decode step {i} at {ctx // 1024}K, kernels vs reference: rel {rel:.2e}, "
+            f"argmax {'equal' if same else 'DIFFERENT'}")
+        expect(rel < 5e-2, f"whole-model logits kernels vs reference step {i}: {rel:.2e}")
+
+
+def time_dispatch_cost() -> None:
+    """MLX's own cost per graph node on this back-end: a chain of n small ops built and evaluated,
+    eagerly and compiled (fused), and n independent custom-kernel-sized ops."""
+    say("\n== MLX per-node cost (chain of n dependent ops on a 4096-vector, evaluated once) ==")
+    x = mx.random.normal((4096,))
+    w = mx.random.normal((4096, 4096)).astype(mx.bfloat16)
+    mx.eval(x, w)
+    for n in (10, 40, 160):
+        def chain_ops(v, n=n):
+            for _ in range(n):
+                v = mx.sqrt(v * v + 1.0)
+            return v
+
+        def chain_mm(v, n=n):
+            v = v.astype(mx.bfloat16)
+            for _ in range(n):
+                v = (w @ v) * 0.01
+            return v
+
+        fused = mx.compile(chain_ops)
+        for label, fn in (("elementwise eager", chain_ops), ("elementwise compiled", fused),
+                          ("matvec 4096^2 bf16 eager", chain_mm)):
+            t = timed(lambda: fn(x), reps=10)
+            say(f"  n={n:4d} {label:26s} {t * 1e6:9.1f} us total, {t / n * 1e6:6.2f} us a node")
+
+
 def profile_layer_ops() -> None:
     """Where a ratio-4 layer's decode step (4K) spends its time: the step split into graph building
     (Python + MLX op calls, no evaluation) and the rest; then each operation of the step alone at its
@@ -868,8 +1083,9 @@ def profile_layer_ops() -> None:
         ("wkv 4096->512 mxfp8", lambda: a.wkv(xn)),
         ("attention_query kernel", lambda: ops.attention_query(q, table, a.eps)),
         ("attention_kv kernel", lambda: ops.attention_kv(kv, table, a.kv_norm.weight, a.kv_norm.eps)),
-        ("compressor_extend gemv (2 x 1024 x 4096)", lambda: ops.compressor_extend(
-            xn, comp.wkv.weight, comp.wgate.weight, comp.ape, pos, 4, buf.kv, buf.gate, 0, 4100)),
+        ("compressor_ring_extend gemv (2 x 1024 x 4096)", lambda: ops.compressor_ring_extend(
+            xn, comp.wkv.weight, comp.wgate.weight, comp.ape, pos, 4, buf.kv,
+            buf.gate)),
         ("indexer wq_b 1024->8192 mxfp8", lambda: a.indexer.wq_b(qr)),
         ("indexer_query kernel", lambda: ops.indexer_query(qi, table)),
         ("scaled_projection gemv (64 x 4096)", lambda: ops.scaled_projection(
@@ -912,6 +1128,7 @@ def compare_layer(contexts: list[int]) -> None:
     without the decode kernels, reference); then the same with the indexer's selection pinned (every mode
     attends to the reference's selection), which separates top-k boundary swaps from everything else."""
     say("\n== ratio-4 layer: decode path vs without decode kernels vs reference, free and pinned selection ==")
+    _set_compile(False)  # the selection is pinned by swapping a function: a compiled trace would keep the first
     args, block = flash_block(4)
     modes = ("kernels", "earlier kernels", "reference")
     for ctx in contexts:
@@ -954,6 +1171,7 @@ def compare_layer(contexts: list[int]) -> None:
                 f"without vs reference {rel_err(outs['earlier kernels'], outs['reference'])[0]:.2e}; "
                 f"ids swapped vs reference: kernels {swapped('kernels', 'reference')}, "
                 f"without {swapped('earlier kernels', 'reference')}")
+    _set_compile(True)
     del block
     mx.clear_cache()
 
@@ -997,6 +1215,12 @@ def main() -> int:
         steps += [profile_layer_ops]
     if "compare" in sections:
         steps += [lambda: compare_layer(contexts)]
+    if "model" in sections:
+        steps += [lambda: time_model(contexts)]
+    if "dispatch" in sections:
+        steps += [time_dispatch_cost]
+    if "pipeline" in sections:
+        steps += [lambda: time_pipeline(contexts)]
     if "layer" in sections:
         steps += [lambda: time_layers(contexts, out_dir, args.simulate, 8 if args.simulate else args.steps)]
     for step in steps:

@@ -32,7 +32,7 @@ from .model import Model
 from .planner import MAX_MARKS, choose_prefill_chunk
 
 FORMAT = "dsv4-mlx-prompt-cache"
-FORMAT_VERSION = "1"
+FORMAT_VERSION = "2"  # 2: compressor token rings (fixed size) instead of growing buffers
 DEFAULT_MAX_MARKS = MAX_MARKS  # each mark copies the window rings and compressor buffers (~20 MB for Flash)
 _SAMPLE = 256  # elements read from the start, middle and end of every weight for the fingerprint
 
@@ -441,20 +441,19 @@ def _mark_arrays(mark: CacheMark) -> list[mx.array]:
     arrays = list(mark.window)
     for saved in mark.buffers:
         if saved is not None:
-            arrays.extend(saved[1:])
+            arrays.extend(saved)
     return arrays
 
 
 def _put_cache_mark(arrays: dict, prefix: str, mark: CacheMark) -> dict:
-    buffers = [None if b is None else [b[0], _put(arrays, f"{prefix}.buffer{i}", b[1:])]
-               for i, b in enumerate(mark.buffers)]
+    buffers = [None if b is None else _put(arrays, f"{prefix}.buffer{i}", b) for i, b in enumerate(mark.buffers)]
     return {"offset": mark.offset, "counts": list(mark.counts),
             "window": _put(arrays, f"{prefix}.window", mark.window), "buffers": buffers}
 
 
 def _get_cache_mark(arrays: dict, prefix: str, saved: dict) -> CacheMark:
     # A loaded cache has no rollback history yet, so the mark starts counting from zero.
-    buffers = tuple(None if b is None else (b[0], *_take(arrays, f"{prefix}.buffer{i}", b[1]))
+    buffers = tuple(None if b is None else tuple(_take(arrays, f"{prefix}.buffer{i}", b))
                     for i, b in enumerate(saved["buffers"]))
     window = tuple(_take(arrays, f"{prefix}.window", saved["window"]))
     return CacheMark(saved["offset"], 0, window, tuple(saved["counts"]), buffers)

@@ -13,6 +13,9 @@
 //
 // kv, gate [B, n, W] float32 (the token buffer, W = (OVERLAP ? 2 : 1) * D); meta = (buffer row of the
 // first entry's own block, index of the first entry, entries in this call); params = (eps, Hadamard scale).
+// RING (a decode step; kv, gate are the token ring [B, n, W], n a multiple of RATIO): meta = (position p
+// of the token that completes the entry), one entry, (p + 1) / RATIO - 1; its block starts at slot
+// entry * RATIO % n and the previous block RATIO slots before, wrapping.
 // Launch geometry (threads): grid = (D * count, B, 1), threadgroup = (D, 1, 1): thread c is channel c of
 // entry meta[1] + threadgroup_position_in_grid.x, batch row threadgroup_position_in_grid.y. Channel
 // pairs of the rotation are neighbouring lanes (xor-shuffle 1); FP8 blocks are two SIMD-groups (their
@@ -32,10 +35,11 @@ const unsigned int lane = thread_index_in_simdgroup;
 const int w = int(simdgroup_index_in_threadgroup);
 const int j = int(threadgroup_position_in_grid.x);
 const int b = int(threadgroup_position_in_grid.y);
-const int count = meta[2];
+const int count = RING ? 1 : meta[2];
 const int ntok = kv_shape[1];
-const int entry = meta[1] + j;
-const int own = meta[0] + j * RATIO;
+const int entry = RING ? (meta[0] + 1) / RATIO - 1 : meta[1] + j;
+const int own = RING ? entry * RATIO % ntok : meta[0] + j * RATIO;
+const int before = RING ? (own + ntok - RATIO) % ntok : own - RATIO;  // the previous block's first row
 const int kv_base = b * ntok * W;
 const int ch = OVERLAP ? D + c : c;
 const bool prev = OVERLAP && entry > 0;
@@ -44,7 +48,7 @@ const bool prev = OVERLAP && entry > 0;
 float m = DSV4_FLT_LOWEST;
 if (prev) {
   for (int t = 0; t < RATIO; ++t) {
-    m = dsv4_max(m, gate[kv_base + (own - RATIO + t) * W + c]);
+    m = dsv4_max(m, gate[kv_base + (before + t) * W + c]);
   }
 }
 for (int t = 0; t < RATIO; ++t) {
@@ -53,7 +57,7 @@ for (int t = 0; t < RATIO; ++t) {
 float denom = 0.0f;
 if (prev) {
   for (int t = 0; t < RATIO; ++t) {
-    denom += dsv4_exp_precise(gate[kv_base + (own - RATIO + t) * W + c] - m);
+    denom += dsv4_exp_precise(gate[kv_base + (before + t) * W + c] - m);
   }
 }
 for (int t = 0; t < RATIO; ++t) {
@@ -62,7 +66,7 @@ for (int t = 0; t < RATIO; ++t) {
 float acc = 0.0f;
 if (prev) {
   for (int t = 0; t < RATIO; ++t) {
-    const int at = kv_base + (own - RATIO + t) * W + c;
+    const int at = kv_base + (before + t) * W + c;
     acc += (dsv4_exp_precise(gate[at] - m) / denom) * kv[at];
   }
 }

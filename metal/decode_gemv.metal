@@ -1,17 +1,16 @@
 // Float32 matrix-vector products for a few token rows (a decode step), with the small steps around
-// them fused (contract: reference.decode_gemv):
-//   a[m, j] = OT(scale * sum_k x[m, k] * wa[j, k])                           j < NA
-//   b[m, j] = OT(scale * sum_k x[m, k] * wb[j, k] + add_b[meta[2], j])       j < NB  (HAS_ADD: ape row)
-// written at row NEW = meta[0] - meta[1] of out_a [M, NEW + 1, NA] / out_b [M, NEW + 1, NB]. With HAS_BUF
-// rows 0 .. NEW - 1 are copies of rows meta[1] .. meta[0] - 1 of buf_a / buf_b [M, meta[0], NA / NB]:
-// the compressor's token buffer, extended by this token and trimmed at its front in the same pass.
-// Without a buffer meta = (0, 0, row) and the outputs are [M, 1, N].
+// them fused (contract: reference.decode_gemv and reference.compressor_ring_extend):
+//   a[m, j] = OT(scale * sum_k x[m, k] * wa[j, k])                                j < NA
+//   b[m, j] = OT(scale * sum_k x[m, k] * wb[j, k] + add_b[p % RATIO, j])          j < NB  (HAS_ADD: ape row)
+// Without a ring the outputs are [M, 1, NA] / [M, 1, NB]. With RING > 0 (the compressor's token ring of
+// RING slots) they are the rings buf_a / buf_b [M, RING, N] with slot p % RING replaced by the new row.
+// p = meta[0], the token's position, read on the GPU: a compiled step replays this at any position.
 //
 // Launch geometry (threads): threadgroup = (NT = 32 * NW, 1, 1), grid = (NT * GROUPS, 1, 1) with
 // GROUPS = ceil((NA + NB) / RPT), RPT = NW / KSPLIT output columns a threadgroup. SIMD-group w computes
 // column threadgroup * RPT + w / KSPLIT over the K / KSPLIT slice (w % KSPLIT); its lanes read
 // consecutive k (coalesced rows of the weight), 8 loads in flight a lane; the KSPLIT partial sums meet
-// in threadgroup memory. Every thread of the grid also copies a strided share of the kept buffer rows.
+// in threadgroup memory. With a ring every thread of the grid also copies a strided share of its other slots.
 // Needs K % (256 * KSPLIT) == 0 and NW % KSPLIT == 0.
 
 constexpr int NT = 32 * NW;
@@ -22,6 +21,8 @@ constexpr int GROUPS = (NCOL + RPT - 1) / RPT;
 constexpr int UNROLL_K = 8;
 constexpr int NA1 = NA > 0 ? NA : 1;  // divisors of the copy loops (a loop over 0 columns never runs)
 constexpr int NB1 = NB > 0 ? NB : 1;
+constexpr int RING1 = RING > 0 ? RING : 1;  // (divisors: no division by 0 where unused)
+constexpr int RATIO1 = RATIO > 0 ? RATIO : 1;
 
 DSV4_SHARED float partial[NW * M];
 
@@ -29,24 +30,27 @@ const int tid = int(thread_index_in_threadgroup);
 const unsigned int lane = thread_index_in_simdgroup;
 const int w = int(simdgroup_index_in_threadgroup);
 const int tg = int(threadgroup_position_in_grid.x);
-const int n_old = meta[0];
-const int cut = meta[1];
-const int keep = n_old - cut;
-const int rows_out = keep + 1;
+const int rows_out = RING > 0 ? RING : 1;
+const int new_row = RING > 0 ? meta[0] % RING1 : 0;
+const int add_row = meta[0] % RATIO1;
 
-if (HAS_BUF) {
+if (RING > 0) {
   const int stride = NT * GROUPS;
-  for (int e = tg * NT + tid; e < M * keep * NA; e += stride) {
+  for (int e = tg * NT + tid; e < M * RING * NA; e += stride) {
     const int j = e % NA1;
-    const int r = (e / NA1) % keep;
-    const int m = e / (NA1 * keep);
-    out_a[(m * rows_out + r) * NA + j] = static_cast<OT>(buf_a[(m * n_old + cut + r) * NA + j]);
+    const int r = (e / NA1) % RING1;
+    const int m = e / (NA1 * RING1);
+    if (r != new_row) {
+      out_a[(m * RING + r) * NA + j] = static_cast<OT>(buf_a[(m * RING + r) * NA + j]);
+    }
   }
-  for (int e = tg * NT + tid; e < M * keep * NB; e += stride) {
+  for (int e = tg * NT + tid; e < M * RING * NB; e += stride) {
     const int j = e % NB1;
-    const int r = (e / NB1) % keep;
-    const int m = e / (NB1 * keep);
-    out_b[(m * rows_out + r) * NB + j] = static_cast<OT>(buf_b[(m * n_old + cut + r) * NB + j]);
+    const int r = (e / NB1) % RING1;
+    const int m = e / (NB1 * RING1);
+    if (r != new_row) {
+      out_b[(m * RING + r) * NB + j] = static_cast<OT>(buf_b[(m * RING + r) * NB + j]);
+    }
   }
 }
 
@@ -105,11 +109,11 @@ if (lane == 0u && kpart == 0 && col < NCOL) {
   for (int m = 0; m < M; ++m) {
     const float v = acc[m] * scale_v;
     if (col < NA) {
-      out_a[(m * rows_out + keep) * NA + col] = static_cast<OT>(v);
+      out_a[(m * rows_out + new_row) * NA + col] = static_cast<OT>(v);
     } else {
       const int jb = col - NA;
-      const float add = HAS_ADD ? add_b[meta[2] * NB + jb] : 0.0f;
-      out_b[(m * rows_out + keep) * NB + jb] = static_cast<OT>(HAS_ADD ? v + add : v);
+      const float add = HAS_ADD ? add_b[add_row * NB + jb] : 0.0f;
+      out_b[(m * rows_out + new_row) * NB + jb] = static_cast<OT>(HAS_ADD ? v + add : v);
     }
   }
 }

@@ -326,30 +326,32 @@ def supports_gemv(x: mx.array, *weights: mx.array) -> bool:
 
 
 def plan_decode_gemv(x: mx.array, wa: mx.array, wb: mx.array | None = None, add_b: mx.array | None = None,
-                     add_row: int = 0, buf_a: mx.array | None = None, buf_b: mx.array | None = None,
-                     cut: int = 0, scale: float = 1.0, out_dtype: mx.Dtype = mx.float32) -> Launch:
+                     ratio: int = 0, positions: mx.array | None = None, ring_a: mx.array | None = None,
+                     ring_b: mx.array | None = None, scale: float = 1.0,
+                     out_dtype: mx.Dtype = mx.float32) -> Launch:
     """x [M, K] (M token rows) against wa [NA, K] (and wb [NB, K]); see decode_gemv.metal.
 
-    With buffers (float32 [M, n, NA] / [M, n, NB]) the outputs are the buffers from row `cut` on plus
-    the new row: [M, n - cut + 1, N]; without, [M, 1, N].
+    `add_b` [ratio, NB] adds its row positions[0] % ratio to b. With rings (float32 [M, slots, NA] /
+    [M, slots, NB]) the outputs are the rings with slot positions[0] % slots replaced by the new row;
+    without, [M, 1, N].
     """
     m, k = x.shape
     na, nb = wa.shape[0], 0 if wb is None else wb.shape[0]
-    has_buf = buf_a is not None
-    n_old = buf_a.shape[1] if has_buf else 0
-    rows_out = n_old - cut + 1
+    slots = ring_a.shape[1] if ring_a is not None else 0
     split = gemv_split(na + nb, k)
     rpt = GEMV_WARPS // split
     groups = -(-(na + nb) // rpt)
     template = [("T", x.dtype), ("TW", wa.dtype), ("OT", out_dtype), ("K", k), ("NA", na), ("NB", nb), ("M", m),
-                ("NW", GEMV_WARPS), ("KSPLIT", split), ("HAS_ADD", add_b is not None), ("HAS_BUF", has_buf)]
+                ("NW", GEMV_WARPS), ("KSPLIT", split), ("HAS_ADD", add_b is not None), ("RING", slots),
+                ("RATIO", ratio)]
     f32 = _placeholder(mx.float32)
+    position = positions[:1].astype(mx.int32) if positions is not None else _placeholder(mx.int32)
     inputs = [x, wa, wb if wb is not None else _placeholder(wa.dtype),
               add_b.astype(mx.float32) if add_b is not None else f32,
-              buf_a if has_buf else f32, buf_b if has_buf and nb else f32, _i32(n_old, cut, add_row), _f32(scale)]
+              ring_a if slots else f32, ring_b if slots and nb else f32, position, _f32(scale)]
     return Launch("decode_gemv", inputs, template, grid=(32 * GEMV_WARPS * groups, 1, 1),
                   threadgroup=(32 * GEMV_WARPS, 1, 1),
-                  output_shapes=[(m, rows_out, na), (m, rows_out, nb) if nb else (1,)],
+                  output_shapes=[(m, max(slots, 1), na), (m, max(slots, 1), nb) if nb else (1,)],
                   output_dtypes=[out_dtype, out_dtype])
 
 
@@ -395,9 +397,11 @@ def supports_compressor_emit(dims: int, rope_dims: int, fp4: bool, dtype: mx.Dty
 
 def plan_compressor_emit(kv: mx.array, gate: mx.array, first_row: int, first_entry: int, count: int, ratio: int,
                          overlap: bool, norm_weight: mx.array, eps: float, pair_freqs: mx.array, fp4: bool,
-                         dtype: mx.Dtype) -> Launch:
+                         dtype: mx.Dtype, positions: mx.array | None = None) -> Launch:
     """Entries first_entry .. + count - 1 of the token buffer kv / gate [B, n, W] (their own blocks start
     at buffer row first_row + j * ratio) encoded as the store keeps them (see compressor_emit.metal).
+    With `positions` (a decode step's [1]) kv / gate are the token ring and the one entry its token
+    completes is encoded (first_row, first_entry and count are then ignored).
 
     Outputs: FP8 (codes [B, count, nope], scales [B, count, nope / 64], rope [B, count, rd]) or FP4
     (packed [B, count, D / 2], scales [B, count, D / 32], an unused one-element array)."""
@@ -405,9 +409,12 @@ def plan_compressor_emit(kv: mx.array, gate: mx.array, first_row: int, first_ent
     dims = norm_weight.shape[-1]
     rope_dims = pair_freqs.shape[-1]
     nope = dims - rope_dims
-    template = [("T", dtype), ("D", dims), ("RD", rope_dims), ("RATIO", ratio), ("OVERLAP", overlap), ("FP4", fp4)]
-    inputs = [kv, gate, norm_weight.astype(dtype), pair_freqs.astype(mx.float32), _f32(eps, dims ** -0.5),
-              _i32(first_row, first_entry, count)]
+    ring = positions is not None
+    count = 1 if ring else count
+    template = [("T", dtype), ("D", dims), ("RD", rope_dims), ("RATIO", ratio), ("OVERLAP", overlap), ("FP4", fp4),
+                ("RING", ring)]
+    meta = positions[:1].astype(mx.int32) if ring else _i32(first_row, first_entry, count)
+    inputs = [kv, gate, norm_weight.astype(dtype), pair_freqs.astype(mx.float32), _f32(eps, dims ** -0.5), meta]
     if fp4:
         shapes = [(batch, count, dims // 2), (batch, count, dims // 32), (1,)]
     else:

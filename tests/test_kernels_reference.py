@@ -203,8 +203,8 @@ def _plans():
         kernels.plan_rope_rows(mx.zeros((1, 1, 512), bf16), mx.zeros((1, 64)), mx.zeros((1, 64)), 1, fp8=True,
                                norm_weight=mx.ones((512,))),
         kernels.plan_decode_gemv(mx.zeros((1, 4096), bf16), mx.zeros((1024, 4096), bf16), mx.zeros((1024, 4096), bf16),
-                                 add_b=mx.zeros((4, 1024)), buf_a=mx.zeros((1, 21, 1024)),
-                                 buf_b=mx.zeros((1, 21, 1024)), cut=4),
+                                 add_b=mx.zeros((4, 1024)), ratio=4, positions=mx.array([5], mx.int32),
+                                 ring_a=mx.zeros((1, 24, 1024)), ring_b=mx.zeros((1, 24, 1024))),
         kernels.plan_decode_gemv(mx.zeros((2, 16384), bf16), mx.zeros((24, 16384))),
         kernels.plan_moe_route(mx.zeros((3, 256)), mx.zeros((256,)), 6, 1.5),
         kernels.plan_swiglu(mx.zeros((1, 1, 6, 1, 2048), bf16), mx.zeros((1, 1, 6, 1, 2048), bf16), mx.zeros((6,)),
@@ -247,8 +247,9 @@ def test_decode_kernel_plans_cover_their_work():
     rope = kernels.plan_rope_rows(mx.zeros((2, 3, 64, 512)), mx.zeros((3, 64)), mx.zeros((3, 64)), 64)
     assert rope.grid[0] // 32 >= 2 * 3 * 64  # a SIMD-group for every row
     gemv = kernels.plan_decode_gemv(mx.zeros((1, 4096)), mx.zeros((1024, 4096)), mx.zeros((1024, 4096)),
-                                    buf_a=mx.zeros((1, 21, 1024)), buf_b=mx.zeros((1, 21, 1024)), cut=4)
-    assert gemv.output_shapes[0] == (1, 18, 1024)  # 21 buffered - 4 cut + the new token
+                                    ratio=4, positions=mx.array([5], mx.int32), ring_a=mx.zeros((1, 24, 1024)),
+                                    ring_b=mx.zeros((1, 24, 1024)))
+    assert gemv.output_shapes[0] == (1, 24, 1024)  # the ring, with the new token in its slot
     t = dict(gemv.template)
     assert gemv.grid[0] // (32 * t["NW"]) * (t["NW"] // t["KSPLIT"]) >= 2048  # every output column
     assert kernels.gemv_split(2048, 4096) == 1 and kernels.gemv_split(24, 16384) == 8
@@ -330,10 +331,10 @@ def test_decode_ops_run_their_reference_on_the_cpu():
 
 def test_reference_contracts_equal_the_models_earlier_math():
     x, wkv, wgate = mx.random.normal((1, 1, 64)), mx.random.normal((32, 64)), mx.random.normal((32, 64))
-    ape, buffered = mx.random.normal((4, 32)), mx.random.normal((1, 9, 32))
-    kv, gate = reference.compressor_extend(x, wkv, wgate, ape, mx.array([9], mx.int32), 4, buffered, buffered * 2, 3)
-    assert mx.array_equal(kv, mx.concatenate([buffered, x @ wkv.T], axis=1)[:, 3:])
-    assert mx.array_equal(gate, mx.concatenate([buffered * 2, x @ wgate.T + ape[1]], axis=1)[:, 3:])
+    ape, ring = mx.random.normal((4, 32)), mx.random.normal((1, 8, 32))
+    kv, gate = reference.compressor_ring_extend(x, wkv, wgate, ape, mx.array([13], mx.int32), 4, ring, ring * 2)
+    assert mx.array_equal(kv, mx.concatenate([ring[:, :5], x @ wkv.T, ring[:, 6:]], axis=1))  # slot 13 % 8
+    assert mx.array_equal(gate, mx.concatenate([ring[:, :5] * 2, x @ wgate.T + ape[1], ring[:, 6:] * 2], axis=1))
     scores = mx.sqrt(mx.logaddexp(x @ wkv.T, 0.0))
     ids, weights = reference.moe_route(x, wkv, mx.zeros((32,)), 3, 2.0)
     picked = mx.take_along_axis(scores, ids, axis=-1)

@@ -221,8 +221,8 @@ def _example_launches() -> list[tuple[str, build.Launch]]:
         ("rope rows inverse float32", kernels.plan_rope_rows(q.astype(mx.float32), cos, sin, H, inverse=True)),
         ("gemv compressor", kernels.plan_decode_gemv(
             mx.zeros((B, 4096), bf16), mx.zeros((1024, 4096), bf16), mx.zeros((1024, 4096), bf16),
-            add_b=mx.zeros((4, 1024), mx.float32), add_row=3, buf_a=mx.zeros((B, 20, 1024), mx.float32),
-            buf_b=mx.zeros((B, 20, 1024), mx.float32), cut=4)),
+            add_b=mx.zeros((4, 1024), mx.float32), ratio=4, positions=mx.zeros((1,), mx.int32),
+            ring_a=mx.zeros((B, 24, 1024), mx.float32), ring_b=mx.zeros((B, 24, 1024), mx.float32))),
         ("gemv float32 split", kernels.plan_decode_gemv(mx.zeros((B, 4 * 4096), bf16), fn)),
         ("gemv scaled bf16 out", kernels.plan_decode_gemv(mx.zeros((B, 4096), bf16), mx.zeros((64, 4096), bf16),
                                                           scale=0.01, out_dtype=bf16)),
@@ -238,6 +238,12 @@ def _example_launches() -> list[tuple[str, build.Launch]]:
         ("compressor emit fp4 hadamard", kernels.plan_compressor_emit(
             mx.zeros((B, 24, 256), mx.float32), mx.zeros((B, 24, 256), mx.float32), 8, 1025, 1, 4, True,
             mx.zeros((128,), bf16), 1e-6, mx.zeros((rd,), mx.float32), True, bf16)),
+        ("compressor emit fp8 ring (decode)", kernels.plan_compressor_emit(
+            mx.zeros((B, 256, D), mx.float32), mx.zeros((B, 256, D), mx.float32), 0, 0, 1, 128, False,
+            kv_w, 1e-6, mx.zeros((rd,), mx.float32), False, bf16, positions=mx.zeros((1,), mx.int32))),
+        ("compressor emit fp4 ring (decode)", kernels.plan_compressor_emit(
+            mx.zeros((B, 24, 256), mx.float32), mx.zeros((B, 24, 256), mx.float32), 0, 0, 1, 4, True,
+            mx.zeros((128,), bf16), 1e-6, mx.zeros((rd,), mx.float32), True, bf16, positions=mx.zeros((1,), mx.int32))),
         ("swiglu shared no clamp", kernels.plan_swiglu(mx.zeros((B, 1, 2048), bf16), mx.zeros((B, 1, 2048), bf16),
                                                        None, 0.0, bf16)),
     ]

@@ -20,7 +20,8 @@ import os
 
 import mlx.core as mx
 
-from ..cache.kv_memory import decode_entries, decode_keys
+from ..cache.kv_memory import FP4_BLOCK, FP8_BLOCK, decode_entries, decode_keys
+from ..quant import fp4_encode, fp8_encode
 from . import reference
 from .rope import RopeTable
 
@@ -57,6 +58,19 @@ def kernels_enabled() -> bool:
         return False
     gpu = _build.backend()
     return gpu is not None and _backend_compiles(gpu)
+
+
+def dispatch_mode() -> tuple:
+    """What decides which implementation each op gets: kernels on or off, and the decode kernels that
+    failed their self-check. A compiled step is traced per mode (a trace bakes the choices in)."""
+    return kernels_enabled(), tuple(sorted(name for name, ok in _checked.items() if not ok))
+
+
+def prepare_kernels() -> None:
+    """Run every decode kernel's self-check now (they evaluate arrays, which a trace must not do)."""
+    if kernels_enabled():
+        for name in _SELF_CHECKS:
+            kernel_ok(name)
 
 
 @functools.cache
@@ -214,17 +228,48 @@ def scaled_projection(x: mx.array, weight: mx.array, scale: float, dtype: mx.Dty
     return reference.scaled_projection(x, weight, scale, dtype)
 
 
-def compressor_extend(x: mx.array, wkv: mx.array, wgate: mx.array, ape: mx.array, positions: mx.array,
-                      ratio: int, buffered_kv: mx.array | None, buffered_gate: mx.array | None, cut: int,
-                      first_position: int) -> tuple[mx.array, mx.array]:
-    """See `reference.compressor_extend`; one dispatch for a one-token step on the GPU (projections,
-    ape, the buffer's extension and trim). `first_position` is positions[0] as a Python int."""
-    if x.shape[1] == 1 and _use("decode_gemv", _kernels.supports_gemv(x, wkv, wgate)):
-        kv, gate = _kernels.decode_gemv(x.reshape(x.shape[0], -1), wkv, wgate, add_b=ape,
-                                        add_row=first_position % ratio, buf_a=buffered_kv, buf_b=buffered_gate,
-                                        cut=cut)
-        return kv, gate
-    return reference.compressor_extend(x, wkv, wgate, ape, positions, ratio, buffered_kv, buffered_gate, cut)
+def compressor_project(x: mx.array, wkv: mx.array, wgate: mx.array, ape: mx.array, positions: mx.array,
+                       ratio: int) -> tuple[mx.array, mx.array]:
+    """See `reference.compressor_project` (a prefill's tokens: MLX's matmuls serve them best)."""
+    return reference.compressor_project(x, wkv, wgate, ape, positions, ratio)
+
+
+def compressor_ring_extend(x: mx.array, wkv: mx.array, wgate: mx.array, ape: mx.array, positions: mx.array,
+                           ratio: int, ring_kv: mx.array, ring_gate: mx.array) -> tuple[mx.array, mx.array]:
+    """See `reference.compressor_ring_extend`: one dispatch on the GPU (both projections, ape, the ring
+    write)."""
+    if _use("decode_gemv", _kernels.supports_gemv(x, wkv, wgate)):
+        return _kernels.decode_gemv(x.reshape(x.shape[0], -1), wkv, wgate, add_b=ape, ratio=ratio,
+                                    positions=positions, ring_a=ring_kv, ring_b=ring_gate)
+    return reference.compressor_ring_extend(x, wkv, wgate, ape, positions, ratio, ring_kv, ring_gate)
+
+
+def compressor_ring_emit(ring_kv: mx.array, ring_gate: mx.array, positions: mx.array, ratio: int, overlap: bool,
+                         norm_weight: mx.array, eps: float, freqs: mx.array, hadamard: bool,
+                         dtype: mx.Dtype) -> tuple[mx.array, ...]:
+    """The entry a decode step's token completes (`reference.compressor_ring_entry`), encoded as its
+    store keeps it: FP8 (codes, scales, rope dims) or, with `hadamard`, FP4 (packed, scales); [B, 1, ...]
+    each. One dispatch on the GPU."""
+    from .rope import _pair_constants
+
+    dims = norm_weight.shape[-1]
+    rope_dims = 2 * freqs.shape[0]
+    if _use("compressor_emit", _kernels.supports_compressor_emit(dims, rope_dims, hadamard, dtype)):
+        encoded = _kernels.plan_compressor_emit(ring_kv, ring_gate, 0, 0, 1, ratio, overlap, norm_weight, eps,
+                                                _pair_constants(freqs)[0], hadamard, dtype, positions=positions).run()
+        return tuple(encoded[:2]) if hadamard else tuple(encoded)
+    entry = reference.compressor_ring_entry(ring_kv, ring_gate, positions, ratio, overlap, norm_weight, eps, freqs,
+                                            hadamard, dtype)
+    return encode_entries(entry, rope_dims, hadamard)
+
+
+def encode_entries(entries: mx.array, rope_dims: int, fp4: bool) -> tuple[mx.array, ...]:
+    """Entries [B, n, d] as their store keeps them (see `Fp8EntryStore.append` / `Fp4EntryStore.append`)."""
+    if fp4:
+        return fp4_encode(entries, FP4_BLOCK)
+    nope = entries.shape[-1] - rope_dims
+    codes, scales = fp8_encode(entries[..., :nope], FP8_BLOCK)
+    return codes, scales, entries[..., nope:]
 
 
 def compressor_emit(store, kv: mx.array, gate: mx.array, start: int, first_entry: int, count: int, ratio: int,
@@ -243,7 +288,7 @@ def compressor_emit(store, kv: mx.array, gate: mx.array, start: int, first_entry
                                                 dtype).run()
         store.append_encoded(*encoded[:2]) if hadamard else store.append_encoded(*encoded)
         return
-    table = rope_table(mx.arange(first_entry, first_entry + count) * ratio, freqs)
+    table = rope_table(mx.arange(first_entry, first_entry + count) * ratio, freqs, remember=False)
     store.append(reference.compressor_entries(kv, gate, start, first_entry, count, ratio, overlap, norm_weight, eps,
                                               table, hadamard, dtype))
 
@@ -311,11 +356,11 @@ def _check_decode_gemv() -> str:
     wa = (_normal((64, 1024)) * 0.05).astype(mx.bfloat16)
     wb = (_normal((48, 1024)) * 0.05).astype(mx.bfloat16)
     ape = _normal((4, 48))
-    buf_a, buf_b = _normal((2, 5, 64)), _normal((2, 5, 48))
+    ring_a, ring_b = _normal((2, 8, 64)), _normal((2, 8, 48))
     positions = mx.array([9], mx.int32)
-    got = _kernels.decode_gemv(x.reshape(2, -1), wa, wb, add_b=ape, add_row=9 % 4, buf_a=buf_a, buf_b=buf_b,
-                               cut=2)
-    want = reference.compressor_extend(x, wa, wb, ape, positions, 4, buf_a, buf_b, 2)
+    got = _kernels.decode_gemv(x.reshape(2, -1), wa, wb, add_b=ape, ratio=4, positions=positions, ring_a=ring_a,
+                               ring_b=ring_b)
+    want = reference.compressor_ring_extend(x, wa, wb, ape, positions, 4, ring_a, ring_b)
     problems = [_close(got[0], want[0], 1e-4), _close(got[1], want[1], 1e-4)]
     w = _normal((24, 2048))
     xs = _normal((3, 2048)).astype(mx.bfloat16)
@@ -368,6 +413,16 @@ def _check_compressor_emit() -> str:
             table = rope_table(mx.arange(first, first + count) * ratio, freqs)
             want.append(reference.compressor_entries(kv, gate, start, first, count, ratio, overlap, weight, 1e-6,
                                                      table, fp4, dtype))
+            problems.append(_close(got.dequantize(mx.float32), want.dequantize(mx.float32), 2e-2))
+        for entry in (0, 2, 4):  # ring mode: entry 4's block wraps past the ring's end
+            positions = mx.array([(entry + 1) * ratio - 1], mx.int32)
+            got = Fp4EntryStore() if fp4 else Fp8EntryStore(64)
+            encoded = _kernels.plan_compressor_emit(kv, gate, 0, 0, 1, ratio, overlap, weight, 1e-6,
+                                                    _pair_constants(freqs)[0], fp4, dtype, positions=positions).run()
+            got.append_encoded(*encoded[:2]) if fp4 else got.append_encoded(*encoded)
+            want = Fp4EntryStore() if fp4 else Fp8EntryStore(64)
+            want.append(reference.compressor_ring_entry(kv, gate, positions, ratio, overlap, weight, 1e-6, freqs, fp4,
+                                                        dtype))
             problems.append(_close(got.dequantize(mx.float32), want.dequantize(mx.float32), 2e-2))
     return "; ".join(p for p in problems if p)
 

@@ -188,22 +188,48 @@ def scaled_projection(x: mx.array, weight: mx.array, scale: float, dtype: mx.Dty
     return (float32_linear(x, weight) * scale).astype(dtype)
 
 
-def compressor_extend(x: mx.array, wkv: mx.array, wgate: mx.array, ape: mx.array, positions: mx.array,
-                      ratio: int, buffered_kv: mx.array | None, buffered_gate: mx.array | None,
-                      cut: int) -> tuple[mx.array, mx.array]:
-    """The compressor's token buffer extended by x's tokens, without its first `cut` tokens.
+def compressor_project(x: mx.array, wkv: mx.array, wgate: mx.array, ape: mx.array, positions: mx.array,
+                       ratio: int) -> tuple[mx.array, mx.array]:
+    """The compressor's per-token projections of x [B, S, D]: kv = x @ wkv.T, gate = x @ wgate.T +
+    ape[p % ratio], float32 [B, S, w]."""
+    return float32_linear(x, wkv), float32_linear(x, wgate) + ape[positions % ratio]
 
-    kv = x @ wkv.T, gate = x @ wgate.T + ape[p % ratio] (float32), appended to the buffered [B, n, w]
-    projections; returns ([B, n + S - cut, w], same) float32.
-    """
-    kv = float32_linear(x, wkv)
-    gate = float32_linear(x, wgate) + ape[positions % ratio]
-    if buffered_kv is not None:
-        kv = mx.concatenate([buffered_kv, kv], axis=1)
-        gate = mx.concatenate([buffered_gate, gate], axis=1)
-    if cut:
-        kv, gate = kv[:, cut:], gate[:, cut:]
-    return kv, gate
+
+def compressor_ring_extend(x: mx.array, wkv: mx.array, wgate: mx.array, ape: mx.array, positions: mx.array,
+                           ratio: int, ring_kv: mx.array, ring_gate: mx.array) -> tuple[mx.array, mx.array]:
+    """A decode step's token (x [B, 1, D] at positions [1]) projected (`compressor_project`) into the token
+    ring [B, slots, w] at slot p % slots; returns the new rings. The slot is computed in the graph."""
+    kv, gate = compressor_project(x, wkv, wgate, ape, positions, ratio)
+    slot = positions[:1] % ring_kv.shape[1]
+    return mx.slice_update(ring_kv, kv, slot, axes=(1,)), mx.slice_update(ring_gate, gate, slot, axes=(1,))
+
+
+def compressor_ring_entry(ring_kv: mx.array, ring_gate: mx.array, positions: mx.array, ratio: int, overlap: bool,
+                          norm_weight: mx.array, eps: float, freqs: mx.array, hadamard: bool,
+                          dtype: mx.Dtype) -> mx.array:
+    """The entry that a decode step's token (positions [1], completing its block) finishes, pooled from
+    the token ring as `compressor_entries` pools a buffer: [B, 1, d] in `dtype`. Entry e = (p + 1) /
+    ratio - 1; its block starts at slot e * ratio % slots, the previous one `ratio` slots before."""
+    from .rope import rope_table
+
+    _, slots, width = ring_kv.shape
+    entry = (positions[:1] + 1) // ratio - 1
+    own = (entry * ratio) % slots + mx.arange(ratio)
+    cur_kv, cur_g = mx.take(ring_kv, own, axis=1)[:, None], mx.take(ring_gate, own, axis=1)[:, None]  # [B,1,r,w]
+    if overlap:
+        d = width // 2
+        before = (own - ratio + slots) % slots
+        prev_g = mx.where(entry > 0, mx.take(ring_gate, before, axis=1)[..., :d], -mx.inf)[:, None]
+        scores = mx.concatenate([prev_g, cur_g[..., d:]], axis=2)
+        values = mx.concatenate([mx.take(ring_kv, before, axis=1)[:, None, :, :d], cur_kv[..., d:]], axis=2)
+    else:
+        scores, values = cur_g, cur_kv
+    pooled = (mx.softmax(scores, axis=2) * values).sum(axis=2)
+    table = rope_table(entry * ratio, freqs, remember=False)
+    entries = apply_rope_table(mx.fast.rms_norm(pooled.astype(dtype), norm_weight.astype(dtype), eps), table)
+    if hadamard:
+        entries = mx.hadamard_transform(entries, scale=1.0 / math.sqrt(entries.shape[-1]))
+    return entries
 
 
 def compressor_entries(kv: mx.array, gate: mx.array, start: int, first_entry: int, count: int, ratio: int,

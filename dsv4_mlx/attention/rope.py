@@ -6,6 +6,7 @@ compressed entries and indexer) use `compress_rope_theta` with YaRN. No mscale f
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import NamedTuple
 
@@ -14,11 +15,19 @@ import numpy as np
 
 
 def rope_frequencies(rope_dims: int, base: float, yarn: dict | None = None) -> mx.array:
-    """The per-pair angular frequencies `f_k` (float32, computed in float32 like the reference)."""
+    """The per-pair angular frequencies `f_k` (float32, computed in float32 like the reference).
+
+    Equal settings give the same array object, so every layer of a model shares one, and with it the
+    step's RoPE table (`rope_table` remembers the last table per frequency array)."""
+    return _frequencies(rope_dims, float(base), tuple(sorted(yarn.items())) if yarn else None)
+
+
+@functools.lru_cache(maxsize=64)
+def _frequencies(rope_dims: int, base: float, yarn: tuple | None) -> mx.array:
     k = np.arange(0, rope_dims, 2, dtype=np.float32)
     freqs = (1.0 / (np.float32(base) ** (k / np.float32(rope_dims)))).astype(np.float32)
     if yarn is not None:
-        freqs = _yarn_blend(freqs, rope_dims, base, yarn)
+        freqs = _yarn_blend(freqs, rope_dims, base, dict(yarn))
     return mx.array(freqs)
 
 
@@ -65,11 +74,12 @@ def _pair_constants(freqs: mx.array) -> tuple[mx.array, mx.array]:
 _last_tables: dict[int, tuple[mx.array, mx.array, RopeTable]] = {}
 
 
-def rope_table(positions: mx.array, freqs: mx.array) -> RopeTable:
+def rope_table(positions: mx.array, freqs: mx.array, remember: bool = True) -> RopeTable:
     """The table of `positions` [S] for `freqs` (float32, angles computed as the reference does).
 
     The last table built for each `freqs` is remembered with its `positions` array: every layer of a
     forward pass gets the same positions object, so the table is built once per step, not per layer.
+    `remember=False` for one-off tables (compressed entries' positions), which must not displace it.
     """
     hit = _last_tables.get(id(freqs))
     if hit is not None and hit[0] is positions and hit[1] is freqs:
@@ -77,7 +87,8 @@ def rope_table(positions: mx.array, freqs: mx.array) -> RopeTable:
     pair_freqs, signs = _pair_constants(freqs)
     angles = positions.astype(mx.float32)[:, None] * pair_freqs[None, :]  # [S, rd]
     table = RopeTable(mx.cos(angles), mx.sin(angles) * signs)
-    _last_tables[id(freqs)] = (positions, freqs, table)
+    if remember:
+        _last_tables[id(freqs)] = (positions, freqs, table)
     return table
 
 

@@ -7,8 +7,8 @@ A layer keeps up to four things:
 - `Fp8EntryStore`: the compressed entries (ratio 4 or 128). The non-RoPE dims are real FP8
   (e4m3 bytes + one e8m0 scale per 64); the RoPE dims stay in the activation dtype.
 - `Fp4EntryStore`: the indexer's compressed keys (ratio 4 only) as real FP4 (e2m1 + one e8m0 per 32).
-- `TokenBuffer`: the compressor's projections of tokens whose block is not finished yet (and, for
-  ratio 4, the previous block, whose first half of channels the next entry pools).
+- `TokenRing`: the compressor's projections of tokens whose block is not finished yet (and, for
+  ratio 4, the previous block, whose first half of channels the next entry pools), in a fixed-size ring.
 
 The model rounds these vectors to FP8/FP4 before using them, so storing the bytes loses nothing.
 All rows of a batch share positions (equal-length rows).
@@ -26,7 +26,10 @@ from ..quant import fp4_decode, fp4_encode, fp8_decode, fp8_encode
 FP8_BLOCK = 64
 FP4_BLOCK = 32
 DEFAULT_ROLLBACK = 16  # tokens that can be taken back exactly (speculative decoding drafts are shorter)
-_GROW_STEP = 256  # entries allocated at a time by the growable stores
+# Entries the growable stores allocate at a time (capacity is a multiple of it). A compiled decode step
+# is traced per capacity, so growth must be rare: 4096 entries are 16K tokens of a ratio-4 layer (2.4 MB
+# of FP8 entries), 512K tokens of a ratio-128 layer.
+GROW_STEP = 4096
 
 
 def _grown(array: mx.array | None, needed: int, shape_tail: tuple, batch: int, dtype: mx.Dtype) -> mx.array:
@@ -34,7 +37,7 @@ def _grown(array: mx.array | None, needed: int, shape_tail: tuple, batch: int, d
     have = 0 if array is None else array.shape[1]
     if needed <= have:
         return array
-    extra = mx.zeros((batch, max(needed - have, _GROW_STEP), *shape_tail), dtype=dtype)
+    extra = mx.zeros((batch, -(-needed // GROW_STEP) * GROW_STEP - have, *shape_tail), dtype=dtype)
     return extra if array is None else mx.concatenate([array, extra], axis=1)
 
 
@@ -49,6 +52,32 @@ def decode_keys(packed: mx.array, scales: mx.array, count: int, dtype: mx.Dtype)
     return fp4_decode(packed[:, :count], scales[:, :count], dtype)
 
 
+@dataclass(frozen=True)
+class Fp8Arrays:
+    """An FP8 store's arrays whole, as a decode step reads them: `count` is the capacity, and which
+    entries a query sees comes from its position (entries j < (p + 1) / ratio are all written)."""
+
+    codes: mx.array
+    scales: mx.array
+    rope: mx.array
+
+    @property
+    def count(self) -> int:
+        return self.codes.shape[1]
+
+
+@dataclass(frozen=True)
+class Fp4Arrays:
+    """An FP4 store's arrays whole (see `Fp8Arrays`)."""
+
+    packed: mx.array
+    scales: mx.array
+
+    @property
+    def count(self) -> int:
+        return self.packed.shape[1]
+
+
 class WindowRing:
     """The sliding-window keys (= values) in a ring buffer, with each slot's absolute position."""
 
@@ -57,6 +86,11 @@ class WindowRing:
         self.capacity = window + rollback
         self.kv: mx.array | None = None  # [B, capacity, d]
         self.positions = mx.full((self.capacity,), -1, dtype=mx.int32)  # -1: empty slot
+
+    def ensure(self, batch: int, dims: int, dtype: mx.Dtype) -> None:
+        """Allocate the ring (empty slots) if nothing was written yet."""
+        if self.kv is None:
+            self.kv = mx.zeros((batch, self.capacity, dims), dtype=dtype)
 
     def keys_with(self, kv_new: mx.array, positions: mx.array) -> tuple[mx.array, mx.array]:
         """The ring's contents before this call followed by the new vectors, with their positions.
@@ -74,8 +108,7 @@ class WindowRing:
         `start` (positions[0] as a Python int, when the caller knows it) turns the scatter into at most
         two slice writes: one graph node per array for a decode step.
         """
-        if self.kv is None:
-            self.kv = mx.zeros((kv_new.shape[0], self.capacity, kv_new.shape[-1]), dtype=kv_new.dtype)
+        self.ensure(kv_new.shape[0], kv_new.shape[-1], kv_new.dtype)
         S = kv_new.shape[1]
         keep = min(S, self.capacity)
         if start is None:
@@ -125,14 +158,18 @@ class Fp8EntryStore:
         """Store entries already encoded: e4m3 codes [B, m, nope], e8m0 scales [B, m, nope / 64], rope dims."""
         batch, m, nope = codes.shape
         needed = self.count + m
-        self.codes = _grown(self.codes, needed, (nope,), batch, mx.uint8)
-        self.scales = _grown(self.scales, needed, (nope // FP8_BLOCK,), batch, mx.uint8)
-        self.rope = _grown(self.rope, needed, (self.rope_dims,), batch, rope.dtype)
+        self.reserve(needed, batch, nope, rope.dtype)
         span = slice(self.count, needed)
         self.codes[:, span] = codes
         self.scales[:, span] = scales
         self.rope[:, span] = rope
         self.count = needed
+
+    def reserve(self, needed: int, batch: int, nope: int, rope_dtype: mx.Dtype) -> None:
+        """Room for `needed` entries (of `nope` FP8 dims, RoPE dims in `rope_dtype`)."""
+        self.codes = _grown(self.codes, needed, (nope,), batch, mx.uint8)
+        self.scales = _grown(self.scales, needed, (nope // FP8_BLOCK,), batch, mx.uint8)
+        self.rope = _grown(self.rope, needed, (self.rope_dims,), batch, rope_dtype)
 
     def dequantize(self, dtype: mx.Dtype) -> mx.array | None:
         """All stored entries as [B, count, d] in `dtype` (the reference path reads them this way)."""
@@ -172,11 +209,15 @@ class Fp4EntryStore:
         """Store keys already encoded: packed e2m1 [B, m, dims / 2], e8m0 scales [B, m, dims / 32]."""
         batch, m, half = packed.shape
         needed = self.count + m
-        self.packed = _grown(self.packed, needed, (half,), batch, mx.uint8)
-        self.scales = _grown(self.scales, needed, (half * 2 // FP4_BLOCK,), batch, mx.uint8)
+        self.reserve(needed, batch, half * 2)
         self.packed[:, self.count:needed] = packed
         self.scales[:, self.count:needed] = scales
         self.count = needed
+
+    def reserve(self, needed: int, batch: int, dims: int) -> None:
+        """Room for `needed` keys of `dims` dims."""
+        self.packed = _grown(self.packed, needed, (dims // 2,), batch, mx.uint8)
+        self.scales = _grown(self.scales, needed, (dims // FP4_BLOCK,), batch, mx.uint8)
 
     def dequantize(self, dtype: mx.Dtype) -> mx.array | None:
         if self.count == 0:
@@ -195,47 +236,55 @@ class Fp4EntryStore:
             self.count = self.packed.shape[1]
 
 
-class TokenBuffer:
-    """Per-token compressor projections (`kv`, `gate`, float32) of the blocks still needed.
+class TokenRing:
+    """Per-token compressor projections (`kv`, `gate`, float32 [B, capacity, w]) of the blocks still
+    needed, in a ring: position p lives at slot p % capacity.
 
-    `start` is the absolute position of the first buffered token; the buffer always ends at the
-    layer's current offset.
+    It holds the partial block, the block before it (ratio 4 pools overlapping pairs) and enough earlier
+    tokens to roll back `rollback` tokens and pool their blocks again. `capacity` is a multiple of the
+    ratio, so a block's tokens occupy consecutive slots; its fixed shape lets a decode step be compiled
+    (the slot to write comes from the position, inside the graph).
     """
 
-    def __init__(self):
-        self.start = 0
+    def __init__(self, ratio: int, blocks_kept: int, rollback: int):
+        self.capacity = -(-(rollback + blocks_kept * ratio - 1) // ratio) * ratio
         self.kv = self.gate = None
 
-    @property
-    def length(self) -> int:
-        """Tokens buffered."""
-        return 0 if self.kv is None else self.kv.shape[1]
-
-    def extend(self, kv: mx.array, gate: mx.array) -> tuple[mx.array, mx.array, int]:
-        """Buffered tokens followed by the new ones, and the position of the first."""
+    def ensure(self, batch: int, width: int) -> None:
+        """Allocate the ring if nothing was written yet."""
         if self.kv is None:
-            return kv, gate, self.start
-        return mx.concatenate([self.kv, kv], axis=1), mx.concatenate([self.gate, gate], axis=1), self.start
+            self.kv = mx.zeros((batch, self.capacity, width), dtype=mx.float32)
+            self.gate = mx.zeros((batch, self.capacity, width), dtype=mx.float32)
 
-    def keep(self, kv: mx.array, gate: mx.array, start: int, keep_from: int) -> None:
-        """Retain the tokens of `kv`/`gate` (which begin at `start`) from position `keep_from` on."""
-        cut = max(keep_from - start, 0)
-        if cut:
-            kv, gate = kv[:, cut:], gate[:, cut:]
-        self.kv, self.gate, self.start = kv, gate, start + cut
+    def write(self, kv: mx.array, gate: mx.array, first_position: int) -> None:
+        """Store [B, S, w] projections of positions first_position .. + S - 1 (the last `capacity`)."""
+        self.ensure(kv.shape[0], kv.shape[-1])
+        S = kv.shape[1]
+        keep = min(S, self.capacity)
+        first = S - keep
+        slot = (first_position + first) % self.capacity
+        head = min(keep, self.capacity - slot)  # up to the ring's end; the rest wraps to slot 0
+        for lo, hi, at in ((first, first + head, slot), (first + head, S, 0)):
+            if hi > lo:
+                whole = lo == 0 and hi == S
+                self.kv[:, at:at + hi - lo] = kv if whole else kv[:, lo:hi]
+                self.gate[:, at:at + hi - lo] = gate if whole else gate[:, lo:hi]
 
-    def trim_to(self, end: int) -> None:
-        if self.kv is not None:
-            n = max(end - self.start, 0)
-            self.kv, self.gate = self.kv[:, :n], self.gate[:, :n]
+    def read(self, start: int, end: int) -> tuple[mx.array, mx.array]:
+        """Positions start .. end - 1 in order, [B, end - start, w] each (they must still be held)."""
+        if end - start > self.capacity or self.kv is None:
+            raise ValueError(f"the token ring holds {self.capacity} tokens, not {end - start}")
+        lo, hi = start % self.capacity, (end - 1) % self.capacity + 1
+        if lo < hi:
+            return self.kv[:, lo:hi], self.gate[:, lo:hi]
+        return (mx.concatenate([self.kv[:, lo:], self.kv[:, :hi]], axis=1),
+                mx.concatenate([self.gate[:, lo:], self.gate[:, :hi]], axis=1))
 
     def arrays(self) -> list[mx.array]:
         return [] if self.kv is None else [self.kv, self.gate]
 
-    def load(self, arrays: list[mx.array], start: int) -> None:
-        if arrays:
-            self.kv, self.gate = arrays
-        self.start = start
+    def load(self, arrays: list[mx.array]) -> None:
+        self.kv, self.gate = arrays if arrays else (None, None)
 
 
 @dataclass(frozen=True)
@@ -264,9 +313,10 @@ class LayerCache(_BaseCache):
         self.rollback = rollback
         self.window = WindowRing(window, rollback)
         self.entries = Fp8EntryStore(rope_dims) if compress_ratio else None
-        self.compressor_buffer = TokenBuffer() if compress_ratio else None
+        blocks_kept = 2 if compress_ratio == 4 else 1  # ratio 4 pools each block with the one before
+        self.compressor_buffer = TokenRing(compress_ratio, blocks_kept, rollback) if compress_ratio else None
         self.index_keys = Fp4EntryStore() if has_indexer else None
-        self.index_buffer = TokenBuffer() if has_indexer else None
+        self.index_buffer = TokenRing(compress_ratio, blocks_kept, rollback) if has_indexer else None
         self._rollback_offsets: list[int] = []  # where each trim/rewind landed (marks check it)
 
     # --- mlx-lm protocol -------------------------------------------------------------------------
@@ -292,16 +342,41 @@ class LayerCache(_BaseCache):
         for store in (self.entries, self.index_keys):
             if store is not None:
                 store.truncate(self.offset // self.compress_ratio)
-        for buffer in (self.compressor_buffer, self.index_buffer):
-            if buffer is not None:
-                buffer.trim_to(self.offset)
+        # The token rings need nothing: slots past the offset are written again before they are read.
         return n
+
+    # --- a decode step's arrays ---------------------------------------------------------------------
+    def step_arrays(self) -> list[mx.array]:
+        """The arrays a one-token step reads and writes, whole (fixed shapes, whatever the offset): the
+        window ring and its positions, then the FP8 store and the compressor's token ring, then the FP4
+        store and the indexer's token ring (those a layer has)."""
+        out = [self.window.kv, self.window.positions]
+        if self.entries is not None:
+            out += [self.entries.codes, self.entries.scales, self.entries.rope, *self.compressor_buffer.arrays()]
+        if self.index_keys is not None:
+            out += [self.index_keys.packed, self.index_keys.scales, *self.index_buffer.arrays()]
+        return out
+
+    def finish_step(self, arrays: list[mx.array], emitted: bool) -> None:
+        """Take a one-token step's written arrays (`step_arrays` order); `emitted`: it completed a block."""
+        self.window.kv, self.window.positions = arrays[:2]
+        rest = arrays[2:]
+        if self.entries is not None:
+            self.entries.codes, self.entries.scales, self.entries.rope = rest[:3]
+            self.compressor_buffer.load(rest[3:5])
+            self.entries.count += int(emitted)
+            rest = rest[5:]
+        if self.index_keys is not None:
+            self.index_keys.packed, self.index_keys.scales = rest[:2]
+            self.index_buffer.load(rest[2:4])
+            self.index_keys.count += int(emitted)
+        self.offset += 1
 
     # --- marks: exact return to any earlier point ------------------------------------------------
     def mark(self) -> CacheMark:
         """Remember this point. Costs a copy of the window and compressor buffers (small), not the
         compressed memory: stores only grow past a mark, so returning to it truncates them."""
-        buffers = tuple((b.start, *_copy(b.arrays())) if b is not None else None
+        buffers = tuple(_copy(b.arrays()) if b is not None else None
                         for b in (self.compressor_buffer, self.index_buffer))
         counts = tuple(s.count if s is not None else 0 for s in (self.entries, self.index_keys))
         return CacheMark(self.offset, len(self._rollback_offsets), (_copy(self.window.arrays())),
@@ -327,8 +402,7 @@ class LayerCache(_BaseCache):
                 store.truncate(count)
         for buffer, saved in zip((self.compressor_buffer, self.index_buffer), mark.buffers):
             if buffer is not None:
-                buffer.kv = buffer.gate = None
-                buffer.load(list(_copy(list(saved[1:]))), saved[0])
+                buffer.load(list(_copy(list(saved))))
 
     def _parts(self) -> list:
         return [self.window, self.entries, self.compressor_buffer, self.index_keys, self.index_buffer]
@@ -347,18 +421,14 @@ class LayerCache(_BaseCache):
             if part is None:
                 continue
             taken, arrays = arrays[:count], arrays[count:]
-            if isinstance(part, TokenBuffer):
-                part.load(taken, part.start)
-            else:
-                part.load(taken)
+            part.load(taken)
 
     @property
     def meta_state(self) -> tuple[str, ...]:
         counts = [0 if p is None else len(p.arrays()) for p in self._parts()]
-        starts = [0 if b is None else b.start for b in (self.compressor_buffer, self.index_buffer)]
         return tuple(str(v) for v in (self.offset, self.compress_ratio, self.rollback,
                                       self.window.window, int(self.index_keys is not None),
-                                      self.entries.rope_dims if self.entries else 0, *counts, *starts))
+                                      self.entries.rope_dims if self.entries else 0, *counts))
 
     @meta_state.setter
     def meta_state(self, values: tuple[str, ...]) -> None:
@@ -368,9 +438,6 @@ class LayerCache(_BaseCache):
                       has_indexer=bool(has_indexer), rollback=rollback)
         self.offset = offset
         self._meta_counts = v[6:11]
-        for buffer, start in zip((self.compressor_buffer, self.index_buffer), v[11:13]):
-            if buffer is not None:
-                buffer.start = start
 
     @property
     def nbytes(self) -> int:

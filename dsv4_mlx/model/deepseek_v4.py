@@ -15,6 +15,7 @@ The MTP block: `model.mtp_logits(hidden, next_ids, mtp_cache)` with `hidden` fro
 from __future__ import annotations
 
 import math
+import os
 import re
 
 import mlx.core as mx
@@ -23,12 +24,28 @@ from mlx_lm.models.switch_layers import QuantizedSwitchLinear
 
 from ..attention import dispatch as ops
 from ..attention.reference import float32_linear, hc_collapse, hc_mixes
-from ..attention.rope import rope_frequencies, rope_table
-from ..cache import DEFAULT_ROLLBACK, LayerCache
+from ..attention.rope import RopeTable, rope_frequencies, rope_table
+from ..cache import DEFAULT_ROLLBACK, Fp4Arrays, Fp8Arrays, LayerCache
 from .args import ModelArgs
 
 MX_GROUP = 32  # MX formats: one e8m0 scale per 32 values
 FP8_WEIGHT_BLOCK = 128  # the checkpoint's FP8 weights: one scale per 128x128 tile
+# Calls of up to this many tokens (decode steps, MTP verification) run each block's pure steps through
+# mx.compile: the graph is traced once per shape and replayed in C++, instead of rebuilt by Python every
+# step. Longer calls (prefill) run eagerly: every new length would be a new trace.
+COMPILED_MAX_TOKENS = 4
+# On a GPU, a decode step hands its graph to the GPU every this many layers (not once at the end), so
+# that the GPU computes the first layers while Python is still building the later ones.
+ASYNC_EVAL_EVERY = 4
+
+
+def compiled_steps(tokens: int) -> bool:
+    """Whether a call of `tokens` tokens runs compiled steps: by default where the GPU kernels run
+    (the decode path they serve); DSV4_COMPILE=1 / 0 forces it on (CPU included) or off."""
+    if tokens > COMPILED_MAX_TOKENS:
+        return False
+    setting = os.environ.get("DSV4_COMPILE", "")
+    return setting not in ("", "0") if setting else ops.kernels_enabled()
 
 
 class MXLinear(nn.QuantizedLinear):
@@ -103,45 +120,60 @@ class Compressor(nn.Module):
     """Pools every `ratio` tokens into one entry (ratio 4 pools overlapping pairs of blocks).
 
     Emits an entry only once all its tokens have been seen; the partial block (and the previous
-    block, for ratio 4) waits in the layer cache's `TokenBuffer`.
+    block, for ratio 4) waits in the layer cache's `TokenRing`.
     """
 
     def __init__(self, args: ModelArgs, ratio: int, dims: int, freqs: mx.array, hadamard: bool = False):
         super().__init__()
         self.ratio, self.dims, self.overlap = ratio, dims, ratio == 4
         self.hadamard = hadamard  # the indexer's keys are stored Hadamard-rotated
-        width = (2 if self.overlap else 1) * dims
-        self.wkv = nn.Linear(args.hidden_size, width, bias=False)
-        self.wgate = nn.Linear(args.hidden_size, width, bias=False)
-        self.ape = mx.zeros((ratio, width), dtype=mx.float32)
+        self.width = (2 if self.overlap else 1) * dims
+        self.wkv = nn.Linear(args.hidden_size, self.width, bias=False)
+        self.wgate = nn.Linear(args.hidden_size, self.width, bias=False)
+        self.ape = mx.zeros((ratio, self.width), dtype=mx.float32)
         self.norm = RMSNorm(dims, args.rms_norm_eps)
         self._freqs = freqs
 
-    def __call__(self, x: mx.array, positions: mx.array, buffer, rollback: int, store=None) -> mx.array | None:
-        """Buffer x's projections; append every entry its tokens complete to `store` (the store's
-        encoding is the FP8 / FP4 rounding). Without a store (tests, tools), return the new entries
-        [B,n,dims] instead: normalised and rotated, neither rounded nor Hadamard-rotated; None if none."""
-        S, r, blocks_kept = x.shape[1], self.ratio, 2 if self.overlap else 1
-        start = buffer.start
-        end = start + buffer.length + S  # the buffer ends at the layer's offset: positions[0] == end - S
-        first, last = (end - S) // r, end // r
-        keep_from = max(0, ((end - rollback) // r - (blocks_kept - 1)) * r)
-        # Tokens before keep_from leave the buffer as it is extended, unless a block completes here:
-        # its pooling reads them first.
-        cut = 0 if last > first else max(keep_from - start, 0)
-        kv, gate = ops.compressor_extend(x, self.wkv.weight, self.wgate.weight, self.ape, positions, r, buffer.kv,
-                                         buffer.gate, cut, end - S)
-        start += cut
+    def __call__(self, x: mx.array, positions: mx.array, offset: int, ring, store=None) -> mx.array | None:
+        """Tokens x at positions offset .. offset + S - 1: append every entry they complete to `store`
+        (the store's encoding is the FP8 / FP4 rounding), keep their projections in `ring`. Without a
+        store (tests, tools), return the new entries [B,n,dims] instead: normalised and rotated, neither
+        rounded nor Hadamard-rotated; None if none."""
+        S, r = x.shape[1], self.ratio
+        kv, gate = ops.compressor_project(x, self.wkv.weight, self.wgate.weight, self.ape, positions, r)
+        first, last = offset // r, (offset + S) // r
         entries = None
-        if last > first and store is not None:
-            ops.compressor_emit(store, kv, gate, start, first, last - first, r, self.overlap, self.norm.weight,
-                                self.norm.eps, self._freqs, self.hadamard, x.dtype)
-        elif last > first:
-            table = rope_table(mx.arange(first, last) * r, self._freqs)
-            entries = ops.reference.compressor_entries(kv, gate, start, first, last - first, r, self.overlap,
-                                                       self.norm.weight, self.norm.eps, table, False, x.dtype)
-        buffer.keep(kv, gate, start, keep_from=keep_from)
+        if last > first:
+            start = max(0, (first - 1 if self.overlap else first) * r)  # the first token the pooling reads
+            if start < offset:  # held tokens first (the partial block, and ratio 4's previous block)
+                held_kv, held_gate = ring.read(start, offset)
+                kv_all, gate_all = mx.concatenate([held_kv, kv], axis=1), mx.concatenate([held_gate, gate], axis=1)
+            else:
+                kv_all, gate_all = kv, gate
+            if store is not None:
+                ops.compressor_emit(store, kv_all, gate_all, start, first, last - first, r, self.overlap,
+                                    self.norm.weight, self.norm.eps, self._freqs, self.hadamard, x.dtype)
+            else:
+                table = rope_table(mx.arange(first, last) * r, self._freqs, remember=False)
+                entries = ops.reference.compressor_entries(kv_all, gate_all, start, first, last - first, r,
+                                                           self.overlap, self.norm.weight, self.norm.eps, table,
+                                                           False, x.dtype)
+        ring.write(kv, gate, offset)
         return entries
+
+    def step(self, x: mx.array, positions: mx.array, ring: list[mx.array], store: list[mx.array],
+             emits: bool) -> tuple[list[mx.array], list[mx.array]]:
+        """One token (x [B,1,D]) on the cache's arrays: the token ring (kv, gate) and the store's arrays
+        (capacity-sized). `emits`: the token completes a block, whose entry is written at its index.
+        Returns the new (ring, store). Pure (indices come from `positions` inside the graph)."""
+        r = self.ratio
+        ring = list(ops.compressor_ring_extend(x, self.wkv.weight, self.wgate.weight, self.ape, positions, r, *ring))
+        if emits:
+            encoded = ops.compressor_ring_emit(*ring, positions, r, self.overlap, self.norm.weight, self.norm.eps,
+                                               self._freqs, self.hadamard, x.dtype)
+            index = (positions[:1] + 1) // r - 1
+            store = [mx.slice_update(a, e.astype(a.dtype), index, axes=(1,)) for a, e in zip(store, encoded)]
+        return ring, store
 
 
 class Indexer(nn.Module):
@@ -155,15 +187,28 @@ class Indexer(nn.Module):
         self.compressor = Compressor(args, 4, self.dims, freqs, hadamard=True)
         self._freqs = freqs
 
-    def __call__(self, x: mx.array, qr: mx.array, positions: mx.array, cache: LayerCache) -> mx.array | None:
-        self.compressor(x, positions, cache.index_buffer, cache.rollback, cache.index_keys)
-        stored = cache.index_keys if cache.index_keys.count else None  # FP4 bytes, read in place by kernels
-        if stored is None:
-            return None
+    def query(self, x: mx.array, qr: mx.array, table: RopeTable) -> tuple[mx.array, mx.array]:
+        """(FP4-rounded query [B,S,heads,dims], head weights [B,S,heads]): pure, before the cache."""
         B, S, _ = x.shape
-        q = ops.indexer_query(self.wq_b(qr).reshape(B, S, self.heads, self.dims), rope_table(positions, self._freqs))
+        q = ops.indexer_query(self.wq_b(qr).reshape(B, S, self.heads, self.dims), table)
         weights = ops.scaled_projection(x, self.weights_proj.weight, self.dims ** -0.5 * self.heads ** -0.5, q.dtype)
-        return ops.indexer_topk(q, weights, stored, positions, 4, self.topk)
+        return q, weights
+
+    def select(self, x: mx.array, q: mx.array, weights: mx.array, positions: mx.array,
+               cache: LayerCache) -> mx.array | None:
+        """Feed the indexer's compressor, then pick each query's top entries (None while none is stored)."""
+        self.compressor(x, positions, cache.offset, cache.index_buffer, cache.index_keys)
+        if not cache.index_keys.count:
+            return None
+        # The FP4 store itself: GPU kernels read its bytes in place.
+        return ops.indexer_topk(q, weights, cache.index_keys, positions, 4, self.topk)
+
+    def select_step(self, x: mx.array, q: mx.array, weights: mx.array, positions: mx.array, ring: list[mx.array],
+                    keys: list[mx.array], emits: bool) -> tuple[mx.array, list[mx.array], list[mx.array]]:
+        """One token on the cache's arrays (see `Compressor.step`): (selection, ring, keys). The keys
+        are read whole; which ones the token may see comes from its position."""
+        ring, keys = self.compressor.step(x, positions, ring, keys, emits)
+        return ops.indexer_topk(q, weights, Fp4Arrays(*keys), positions, 4, self.topk), ring, keys
 
 
 _batch_ids: dict[tuple[int, ...], mx.array] = {}
@@ -226,35 +271,75 @@ class Attention(nn.Module):
         if self.ratio == 4:
             self.indexer = Indexer(args, self._freqs)
 
-    def __call__(self, x: mx.array, positions: mx.array, cache: LayerCache) -> mx.array:
-        """x [B,S,D] at `positions` (cache.offset + arange(S), as the model builds them)."""
+    def project(self, x: mx.array, table: RopeTable) -> tuple[mx.array, mx.array, tuple]:
+        """(q [B,S,H,d] normed and rotated, kv [B,S,d] normed, rotated and FP8-rounded, the indexer's
+        (query, weights) or ()): everything before the cache is touched, so pure."""
         B, S, _ = x.shape
-        table = rope_table(positions, self._freqs)  # shared by every layer of this step (same positions)
         qr = self.q_norm(self.wq_a(x))
         q = ops.attention_query(self.wq_b(qr).reshape(B, S, self.heads, self.head_dim), table, self.eps)
         kv = ops.attention_kv(self.wkv(x), table, self.kv_norm.weight, self.kv_norm.eps)
-        if S == 1 and ops.kernels_enabled():
-            # Decode on a GPU: write first, attend over the ring alone (no concatenation). The slot this
-            # token takes held position p - capacity, which the window (p - window, p] no longer sees.
-            cache.window.write(kv, positions, cache.offset)
-            window_kv, window_positions = cache.window.kv, cache.window.positions
-        else:
-            window_kv, window_positions = cache.window.keys_with(kv, positions)
-            cache.window.write(kv, positions, cache.offset)
+        return q, kv, (self.indexer.query(x, qr, table) if self.ratio == 4 else ())
 
+    def attend(self, x: mx.array, q: mx.array, kv: mx.array, index: tuple, positions: mx.array,
+               cache: LayerCache) -> mx.array:
+        """Several tokens (prefill): attend, storing them in the cache. o [B,S,H,d], still rotated."""
+        S = x.shape[1]
+        # Queries need keys this call overwrites in the ring: attend over the old ring + the new keys.
+        window_kv, window_positions = cache.window.keys_with(kv, positions)
+        cache.window.write(kv, positions, cache.offset)
         entries = selection = None
         if self.ratio:
-            self.compressor(x, positions, cache.compressor_buffer, cache.rollback, cache.entries)
+            self.compressor(x, positions, cache.offset, cache.compressor_buffer, cache.entries)
             # The store itself: GPU kernels read its FP8 bytes in place; the reference dequantizes it.
             entries = cache.entries if cache.entries.count else None
             if self.ratio == 4:  # always run: its compressor must see every token
-                selection = self.indexer(x, qr, positions, cache)
+                selection = self.indexer.select(x, *index, positions, cache)
         cache.offset += S
+        return ops.sparse_attention(q, window_kv, window_positions, self.window, entries, selection, self.ratio,
+                                    positions, self.attn_sink, self.head_dim ** -0.5)
 
+    def attend_step(self, x: mx.array, q: mx.array, kv: mx.array, index: tuple, positions: mx.array,
+                    arrays: list[mx.array], emits: bool) -> tuple[mx.array, list[mx.array]]:
+        """One token (decode) on the cache's arrays (`LayerCache.step_arrays`): (o, the arrays written).
+
+        Every shape is fixed and every index comes from `positions` inside the graph, so a compiled
+        step replays at any position. The token is written first: the slot it takes held position
+        p - capacity, which the window (p - window, p] no longer sees. The stores are read whole:
+        visibility (entries j < (p + 1) / ratio) comes from the position, never from a count."""
+        window_kv, window_positions, *rest = arrays
+        slot = positions % window_kv.shape[1]
+        window_kv = mx.slice_update(window_kv, kv, slot, axes=(1,))
+        window_positions = mx.slice_update(window_positions, positions, slot, axes=(0,))
+        written = [window_kv, window_positions]
+        entries = selection = None
+        if self.ratio:
+            store, ring, rest = rest[:3], rest[3:5], rest[5:]
+            ring, store = self.compressor.step(x, positions, ring, store, emits)
+            entries = Fp8Arrays(*store)
+            written += [*store, *ring]
+            if self.ratio == 4:
+                selection, ring, keys = self.indexer.select_step(x, *index, positions, rest[2:4], rest[:2], emits)
+                written += [*keys, *ring]
         o = ops.sparse_attention(q, window_kv, window_positions, self.window, entries, selection, self.ratio,
                                  positions, self.attn_sink, self.head_dim ** -0.5)
-        o = ops.rope_rows(o, table, inverse=True)
-        o = self.wo_a(o.reshape(B, S, self.wo_a.groups, -1))
+        return o, written
+
+    def prepare_step(self, cache: LayerCache, batch: int, dtype: mx.Dtype) -> None:
+        """Allocate what a one-token step writes (a fresh cache), with room for one more entry."""
+        cache.window.ensure(batch, self.head_dim, dtype)
+        if cache.window.positions.ndim != 1:
+            raise ValueError("window positions must be one row shared by the batch")
+        if self.ratio:
+            cache.compressor_buffer.ensure(batch, self.compressor.width)
+            cache.entries.reserve(cache.entries.count + 1, batch, self.head_dim - self.rope_dims, dtype)
+        if self.ratio == 4:
+            cache.index_buffer.ensure(batch, self.indexer.compressor.width)
+            cache.index_keys.reserve(cache.index_keys.count + 1, batch, self.indexer.dims)
+
+    def output(self, o: mx.array, table: RopeTable) -> mx.array:
+        """o de-rotated, through the grouped low-rank output projection: [B,S,D]."""
+        B, S = o.shape[:2]
+        o = self.wo_a(ops.rope_rows(o, table, inverse=True).reshape(B, S, self.wo_a.groups, -1))
         return self.wo_b(o)
 
 
@@ -354,12 +439,70 @@ class Block(nn.Module):
         self.ffn = MoE(args, layer_id)
         self.hc_attn = HyperConnection(args)
         self.hc_ffn = HyperConnection(args)
+        self.reset_compiled()
 
     def __call__(self, h: mx.array, ids: mx.array, positions: mx.array, cache: LayerCache) -> mx.array:
+        """h [B,S,hc,D] -> the block's output streams. One token (decode) runs `step`, compiled where
+        `compiled_steps` says so; several (prefill) run eagerly, the cache updated in place."""
+        table = rope_table(positions, self.attn._freqs)  # shared by every layer of this step (same positions)
+        if h.shape[1] == 1:
+            return self._decode(h, ids, positions, table, cache)
+        prologue, epilogue = self._steps(h.shape[1])
+        x, q, kv, index, post, comb = prologue(h, table.cos, table.sin)
+        o = self.attn.attend(x, q, kv, index, positions, cache)
+        return epilogue(o, h, post, comb, table.cos, table.sin, ids)
+
+    def step(self, h: mx.array, ids: mx.array, positions: mx.array, cos: mx.array, sin: mx.array,
+             arrays: list[mx.array], emits: bool) -> tuple[mx.array, list[mx.array]]:
+        """One decode step over the layer cache's arrays (`LayerCache.step_arrays`): (output, arrays
+        written). Pure and fixed-shape: a GPU runs it compiled, one trace per layer and kind of step."""
+        x, q, kv, index, post, comb = self.prologue(h, cos, sin)
+        o, arrays = self.attn.attend_step(x, q, kv, index, positions, arrays, emits)
+        return self.epilogue(o, h, post, comb, cos, sin, ids), arrays
+
+    def _decode(self, h: mx.array, ids: mx.array, positions: mx.array, table: RopeTable,
+                cache: LayerCache) -> mx.array:
+        ratio = self.attn.ratio
+        emits = bool(ratio) and (cache.offset + 1) % ratio == 0  # this token completes a block
+        self.attn.prepare_step(cache, h.shape[0], h.dtype)
+        step = self._compiled_step() if compiled_steps(1) else self.step
+        out, arrays = step(h, ids, positions, table.cos, table.sin, cache.step_arrays(), emits)
+        cache.finish_step(arrays, emits)
+        return out
+
+    def prologue(self, h: mx.array, cos: mx.array, sin: mx.array) -> tuple:
+        """The attention's hc pre-mix and norm, its query / kv projections and the indexer's query."""
         y, post, comb = self.hc_attn.pre(h)
-        h = self.hc_attn.post(self.attn(self.attn_norm(y), positions, cache), h, post, comb)
+        x = self.attn_norm(y)
+        return (x, *self.attn.project(x, RopeTable(cos, sin)), post, comb)
+
+    def epilogue(self, o: mx.array, h: mx.array, post: mx.array, comb: mx.array, cos: mx.array, sin: mx.array,
+                 ids: mx.array) -> mx.array:
+        """The attention's output and hc post-mix, then the MoE between its own hc mixes."""
+        h = self.hc_attn.post(self.attn.output(o, RopeTable(cos, sin)), h, post, comb)
         y, post, comb = self.hc_ffn.pre(h)
         return self.hc_ffn.post(self.ffn(self.ffn_norm(y), ids), h, post, comb)
+
+    def _steps(self, tokens: int):
+        """(prologue, epilogue) for a call of `tokens` tokens: compiled for short calls (MTP verification)."""
+        if not compiled_steps(tokens):
+            return self.prologue, self.epilogue
+        return self._compiled("steps", lambda: (mx.compile(self.prologue), mx.compile(self.epilogue)))
+
+    def _compiled_step(self):
+        return self._compiled("step", lambda: mx.compile(self.step))
+
+    def _compiled(self, what: str, make):
+        key = (what, ops.dispatch_mode())  # a trace bakes in which ops run as kernels
+        found = self._compiled_fns.get(key)
+        if found is None:
+            ops.prepare_kernels()  # self-checks evaluate arrays: never inside a trace
+            found = self._compiled_fns.setdefault((what, ops.dispatch_mode()), make())
+        return found
+
+    def reset_compiled(self) -> None:
+        """Forget the compiled steps (they hold the weights they were traced with)."""
+        object.__setattr__(self, "_compiled_fns", {})
 
 
 class MTPBlock(Block):
@@ -409,10 +552,13 @@ class Model(nn.Module):
         positions = self._positions(cache[0], inputs.shape[1])
         h = self.embed(inputs) if input_embeddings is None else input_embeddings
         h = mx.broadcast_to(h[..., None, :], (*h.shape[:2], self.args.hc_mult, h.shape[-1]))
-        for layer, layer_cache in zip(self.layers, cache):
+        overlap = inputs.shape[1] <= COMPILED_MAX_TOKENS and ops.kernels_enabled()
+        for i, (layer, layer_cache) in enumerate(zip(self.layers, cache)):
             h = layer(h, inputs, positions, layer_cache)
             if layer_outputs is not None:
                 layer_outputs.append(h)
+            if overlap and (i + 1) % ASYNC_EVAL_EVERY == 0:
+                mx.async_eval(h)
         return h
 
     def logits(self, hidden: mx.array) -> mx.array:
@@ -427,6 +573,22 @@ class Model(nn.Module):
     @staticmethod
     def _positions(cache: LayerCache, length: int) -> mx.array:
         return mx.arange(cache.offset, cache.offset + length, dtype=mx.int32)
+
+    # --- weights ---------------------------------------------------------------------------------
+    def update(self, parameters: dict, strict: bool = True) -> Model:
+        super().update(parameters, strict=strict)
+        self.reset_compiled()
+        return self
+
+    def update_modules(self, modules: dict, strict: bool = True) -> Model:
+        super().update_modules(modules, strict=strict)
+        self.reset_compiled()
+        return self
+
+    def reset_compiled(self) -> None:
+        """Drop every block's compiled steps: they captured the weights they were traced with."""
+        for block in (*self.layers, *self.mtp):
+            block.reset_compiled()
 
     # --- caches ---------------------------------------------------------------------------------
     def _layer_cache(self, layer_id: int, rollback: int) -> LayerCache:
