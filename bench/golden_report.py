@@ -76,7 +76,10 @@ def kernels_report(golden: dict) -> None:
     for mode in ("kernels", "reference"):
         dispatch.force_reference(mode == "reference")
         print(f"-- {mode}: kernels enabled {dispatch.kernels_enabled()}, device {mx.default_device()}")
-        float32_report(golden)
+        try:
+            float32_report(golden)
+        except RuntimeError as exc:  # MLX's CUDA back-end has no float32 x mxfp8 matmul for every shape
+            print(f"float32 report not run here: {str(exc)[:160]}")
         bf16[mode] = bf16_decode_logits(golden)
     dispatch.force_reference(None)
     print(f"bf16 model, prefill + 60 decode steps, kernels vs reference: logits rel L2 "

@@ -1,0 +1,51 @@
+"""The compiled decode step (what a GPU runs) against the same step eager, on the CPU's reference ops.
+
+`DSV4_COMPILE=1` forces `mx.compile` of every block's step on the CPU. The decode crosses block
+completions of both compressors (ratio 4 every 4 tokens, ratio 128 at token 384), so both kinds of
+trace (plain and entry-emitting) run, with the token rings wrapping and the stores written at indices
+computed inside the graph.
+"""
+
+from __future__ import annotations
+
+import mlx.core as mx
+
+from dsv4_mlx.model import deepseek_v4
+
+PROMPT = 330
+STEPS = 58  # positions 330 .. 387: 14 ratio-4 entries and the ratio-128 entry completed at 383
+
+
+def _decode(model, tokens: mx.array, compiled: bool, monkeypatch) -> tuple[mx.array, list]:
+    monkeypatch.setenv("DSV4_COMPILE", "1" if compiled else "0")
+    cache = model.make_cache()
+    model(tokens[:, :PROMPT], cache)
+    steps = []
+    for t in range(STEPS):
+        steps.append(model(tokens[:, PROMPT + t:PROMPT + t + 1], cache)[:, 0])
+        mx.eval(steps[-1])
+    return mx.stack(steps, axis=1), cache
+
+
+def test_compiled_step_equals_eager_step(model_f32, golden, monkeypatch):
+    tokens = golden["tokens"]
+    eager, eager_cache = _decode(model_f32, tokens, False, monkeypatch)
+    compiled, compiled_cache = _decode(model_f32, tokens, True, monkeypatch)
+    assert mx.allclose(compiled, eager, rtol=1e-5, atol=1e-5)
+    for a, b in zip(compiled_cache, eager_cache):
+        assert a.offset == b.offset
+        assert a.entries is None or a.entries.count == b.entries.count
+        assert all(mx.allclose(x.astype(mx.float32), y.astype(mx.float32), atol=1e-5) for x, y in zip(a.state, b.state))
+    assert any(key[0] == "step" for key in model_f32.layers[2]._compiled_fns)
+
+
+def test_weight_updates_drop_compiled_steps(model_f32, monkeypatch):
+    monkeypatch.setenv("DSV4_COMPILE", "1")
+    block = model_f32.layers[0]
+    cache = model_f32.make_cache()
+    model_f32(mx.array([[5, 6, 7]]), cache)
+    model_f32(mx.array([[8]]), cache)
+    assert block._compiled_fns
+    model_f32.update(model_f32.parameters())  # the same values, new arrays: traces must not keep old ones
+    assert not block._compiled_fns
+    assert deepseek_v4.compiled_steps(1) and not deepseek_v4.compiled_steps(deepseek_v4.COMPILED_MAX_TOKENS + 1)
