@@ -7,10 +7,10 @@ import os
 import sys
 
 sys.path.insert(0, os.path.dirname(__file__))
-import mlx.core as mx  # noqa: E402
+import kernels_gpu as kg
+import mlx.core as mx
 
-import kernels_gpu as kg  # noqa: E402
-from dsv4_mlx.attention import dispatch  # noqa: E402
+from dsv4_mlx.attention import dispatch
 
 for layer_id in (0, 3, 4):
     args, block = kg.flash_block(layer_id)

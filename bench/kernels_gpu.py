@@ -40,10 +40,10 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import mlx.core as mx
 import numpy as np
-from types import SimpleNamespace
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -651,18 +651,25 @@ def flash_block(layer_id: int):
     block = Block(args, layer_id)
     # Quantized weights keep their random init (uniform, quantized: valid mxfp8 / mxfp4 codes). Float
     # parameters get random values (several init as zeros) in the dtype a bf16 load gives them.
+
+    randomize_float_parameters(block)
+    return args, block
+
+
+def randomize_float_parameters(module) -> None:
+    """Random values for the float parameters (several init as zeros) in the dtype a bf16 load gives
+    them; quantized weights keep their random init (valid mxfp8 / mxfp4 codes). Evaluates the module."""
     from mlx.utils import tree_flatten, tree_unflatten
 
     updates = []
-    for name, value in tree_flatten(block.parameters()):
-        if value.dtype != mx.float32:
+    for name, value in tree_flatten(module.parameters()):
+        if value.dtype != mx.float32 or ".experts." in f".{name}":
             continue
         keep_f32 = any(key in name for key in ("hc_", "attn_sink", "ape", "bias"))
         fresh = mx.ones(value.shape) if "norm" in name else mx.random.normal(value.shape) * 0.02
         updates.append((name, fresh.astype(mx.float32 if keep_f32 else mx.bfloat16)))
-    block.update(tree_unflatten(updates))
-    mx.eval(block.parameters())
-    return args, block
+    module.update(tree_unflatten(updates))
+    mx.eval(module.parameters())
 
 
 def filled_cache(args, layer_id: int, ctx: int, batch: int = 1) -> LayerCache:
@@ -903,7 +910,6 @@ def time_pipeline(contexts: list[int], chain: int = 43) -> None:
 def flash_model(layers: int = 43):
     """A Flash-sized model with random weights whose 43 layers share one set of routed experts (all of
     them would need ~290 GB; a decode step still reads 6 experts a layer, 80 MB, as the real model)."""
-    from mlx.utils import tree_flatten, tree_unflatten
 
     from dsv4_mlx.model import ModelArgs
     from dsv4_mlx.model.deepseek_v4 import Model
@@ -913,15 +919,7 @@ def flash_model(layers: int = 43):
     shared = model.layers[0].ffn.experts
     for block in (*model.layers[1:], *model.mtp):
         block.ffn.experts = shared
-    updates = []
-    for name, value in tree_flatten(model.parameters()):
-        if value.dtype != mx.float32 or ".experts." in name:
-            continue
-        keep_f32 = any(key in name for key in ("hc_", "attn_sink", "ape", "bias"))
-        fresh = mx.ones(value.shape) if "norm" in name else mx.random.normal(value.shape) * 0.02
-        updates.append((name, fresh.astype(mx.float32 if keep_f32 else mx.bfloat16)))
-    model.update(tree_unflatten(updates))
-    mx.eval(model.parameters())
+    randomize_float_parameters(model)
     return args, model
 
 
