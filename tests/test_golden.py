@@ -130,10 +130,9 @@ def assert_same_memory(got, want) -> None:
             assert all(mx.array_equal(x, y) for x, y in zip(store_a.arrays(), store_b.arrays()))
     for buf_a, buf_b in ((got.compressor_buffer, want.compressor_buffer), (got.index_buffer, want.index_buffer)):
         if buf_a is not None:
-            r = got.compress_ratio
-            needed = max(0, (got.offset // r - (1 if r == 4 else 0)) * r)  # what the next entry pools
-            if needed < got.offset:
-                for x, y in zip(buf_a.read(needed, got.offset), buf_b.read(needed, got.offset)):
+            needed, end = buf_a.pooled_span(got.offset, got.compress_ratio)  # what the next entry pools
+            if needed < end:
+                for x, y in zip(buf_a.read(needed, end), buf_b.read(needed, end)):
                     assert mx.array_equal(x, y)
 
 

@@ -72,10 +72,9 @@ def assert_same_memory(got, want, atol: float = 0.0) -> None:
             assert all(close(x, y) for x, y in arrays[2:])  # RoPE dims of the entries
     for ba, bb in ((got.compressor_buffer, want.compressor_buffer), (got.index_buffer, want.index_buffer)):
         if ba is not None:
-            r = got.compress_ratio
-            needed = max(0, (got.offset // r - (1 if r == 4 else 0)) * r)  # what the next entry pools
-            if needed < got.offset:
-                for x, y in zip(ba.read(needed, got.offset), bb.read(needed, got.offset)):
+            needed, end = ba.pooled_span(got.offset, got.compress_ratio)  # what the next entry pools
+            if needed < end:
+                for x, y in zip(ba.read(needed, end), bb.read(needed, end)):
                     assert close(x, y)
 
 

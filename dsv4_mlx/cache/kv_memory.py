@@ -52,6 +52,16 @@ def decode_keys(packed: mx.array, scales: mx.array, count: int, dtype: mx.Dtype)
     return fp4_decode(packed[:, :count], scales[:, :count], dtype)
 
 
+def ring_spans(count: int, first_position: int, capacity: int) -> list[tuple[int, int, int]]:
+    """Where `count` consecutive positions from `first_position` go in a ring of `capacity` slots (the last
+    `capacity` of them): (lo, hi, slot) = rows lo .. hi - 1 of the call to slots slot .. slot + hi - lo - 1.
+    At most two spans: up to the ring's end, then wrapped to slot 0."""
+    first = count - min(count, capacity)  # index (in this call) of the first row kept
+    slot = (first_position + first) % capacity
+    head = min(count - first, capacity - slot)
+    return [(lo, hi, at) for lo, hi, at in ((first, first + head, slot), (first + head, count, 0)) if hi > lo]
+
+
 @dataclass(frozen=True)
 class Fp8Arrays:
     """An FP8 store's arrays whole, as a decode step reads them: `count` is the capacity, and which
@@ -117,14 +127,10 @@ class WindowRing:
             self.kv[:, slots] = kv_new[:, -keep:]
             self.positions[slots] = tail_positions
             return
-        first = S - keep  # index (in this call) of the first vector kept
-        slot = (start + first) % self.capacity
-        head = min(keep, self.capacity - slot)  # vectors up to the ring's end; the rest wrap to slot 0
-        for lo, hi, at in ((first, first + head, slot), (first + head, S, 0)):
-            if hi > lo:
-                whole = lo == 0 and hi == S
-                self.kv[:, at:at + hi - lo] = kv_new if whole else kv_new[:, lo:hi]
-                self.positions[at:at + hi - lo] = positions if whole else positions[lo:hi]
+        for lo, hi, at in ring_spans(S, start, self.capacity):
+            whole = lo == 0 and hi == S
+            self.kv[:, at:at + hi - lo] = kv_new if whole else kv_new[:, lo:hi]
+            self.positions[at:at + hi - lo] = positions if whole else positions[lo:hi]
 
     def forget_from(self, position: int) -> None:
         self.positions = mx.where(self.positions >= position, -1, self.positions)
@@ -260,15 +266,16 @@ class TokenRing:
         """Store [B, S, w] projections of positions first_position .. + S - 1 (the last `capacity`)."""
         self.ensure(kv.shape[0], kv.shape[-1])
         S = kv.shape[1]
-        keep = min(S, self.capacity)
-        first = S - keep
-        slot = (first_position + first) % self.capacity
-        head = min(keep, self.capacity - slot)  # up to the ring's end; the rest wraps to slot 0
-        for lo, hi, at in ((first, first + head, slot), (first + head, S, 0)):
-            if hi > lo:
-                whole = lo == 0 and hi == S
-                self.kv[:, at:at + hi - lo] = kv if whole else kv[:, lo:hi]
-                self.gate[:, at:at + hi - lo] = gate if whole else gate[:, lo:hi]
+        for lo, hi, at in ring_spans(S, first_position, self.capacity):
+            whole = lo == 0 and hi == S
+            self.kv[:, at:at + hi - lo] = kv if whole else kv[:, lo:hi]
+            self.gate[:, at:at + hi - lo] = gate if whole else gate[:, lo:hi]
+
+    def pooled_span(self, offset: int, ratio: int) -> tuple[int, int]:
+        """(first, end) positions the next entry pools from this ring at `offset`: the partial block,
+        and for ratio 4 the block before it."""
+        blocks_back = 1 if ratio == 4 else 0
+        return max(0, (offset // ratio - blocks_back) * ratio), offset
 
     def read(self, start: int, end: int) -> tuple[mx.array, mx.array]:
         """Positions start .. end - 1 in order, [B, end - start, w] each (they must still be held)."""

@@ -144,7 +144,7 @@ class Compressor(nn.Module):
         first, last = offset // r, (offset + S) // r
         entries = None
         if last > first:
-            start = max(0, (first - 1 if self.overlap else first) * r)  # the first token the pooling reads
+            start = ring.pooled_span(offset, r)[0]  # the first token the pooling reads
             if start < offset:  # held tokens first (the partial block, and ratio 4's previous block)
                 held_kv, held_gate = ring.read(start, offset)
                 kv_all, gate_all = mx.concatenate([held_kv, kv], axis=1), mx.concatenate([held_gate, gate], axis=1)
