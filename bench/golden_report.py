@@ -7,12 +7,18 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
+
+# Full float32 matmuls: MLX runs float32 matmuls as TF32 on NVIDIA GPUs and M5-class Apple GPUs by
+# default (~1e-3 per product), far above the distances this report measures.
+os.environ.setdefault("MLX_ENABLE_TF32", "0")
 
 import mlx.core as mx
 import numpy as np
 
 from dsv4_mlx import load_model
+from dsv4_mlx.model.quantized import adapt_to_backend
 
 FIXTURE = Path(__file__).resolve().parents[1] / "tests" / "fixtures" / "tiny-a"
 PROMPT = 333
@@ -27,9 +33,13 @@ def agree(a: mx.array, b: mx.array) -> float:
     return float(np.mean(np.array(a.argmax(-1)) == np.array(b.argmax(-1))))
 
 
-def float32_report(golden: dict) -> None:
+def float32_report(golden: dict) -> dict[str, mx.array]:
+    """Print the float32 model's distances to the golden; returns its prefill and decode logits."""
     model = load_model(FIXTURE / "checkpoint", dtype=mx.float32)
-    tokens, cache, layers = golden["tokens"], None, []
+    dense = adapt_to_backend(model, mx.float32)
+    if dense:
+        print(f"dense path (no quantized kernel on this back-end for their shapes): {', '.join(dense)}")
+    tokens, layers = golden["tokens"], []
     cache = model.make_cache()
     hidden = model.hidden_states(tokens[:, :PROMPT], cache, layer_outputs=layers)
     logits = model.logits(hidden)
@@ -43,6 +53,7 @@ def float32_report(golden: dict) -> None:
     decode = mx.stack(steps, axis=1)
     print(f"decode logits: rel L2 {rel(decode, golden['decode_logits']):.2e}, "
           f"argmax {agree(decode, golden['decode_logits']):.1%}")
+    return {"prefill": logits, "decode": decode, "mtp": mtp}
 
 
 def bf16_block_report(golden: dict) -> None:
@@ -70,22 +81,34 @@ def bf16_decode_logits(golden: dict) -> mx.array:
 
 
 def kernels_report(golden: dict) -> None:
+    """Both models (float32, bf16) with the GPU kernels on and off: each against the golden, and the
+    two runs' logits against each other."""
     from dsv4_mlx.attention import dispatch
 
-    bf16 = {}
+    build = dispatch._build
+
+    launched: set[str] = set()
+    run = build.Launch.run
+    build.Launch.run = lambda self, gpu=None: launched.add(self.kernel) or run(self, gpu)
+    f32, bf16 = {}, {}
     for mode in ("kernels", "reference"):
         dispatch.force_reference(mode == "reference")
+        launched.clear()
         print(f"-- {mode}: kernels enabled {dispatch.kernels_enabled()}, device {mx.default_device()}")
-        try:
-            float32_report(golden)
-        except RuntimeError as exc:  # MLX's CUDA back-end has no float32 x mxfp8 matmul for every shape
-            print(f"float32 report not run here: {str(exc)[:160]}")
+        f32[mode] = float32_report(golden)
         bf16[mode] = bf16_decode_logits(golden)
+        print(f"kernels launched: {', '.join(sorted(launched)) or 'none'}")
+        if dispatch.kernel_failures:
+            print(f"kernels that failed their self-check: {dispatch.kernel_failures}")
     dispatch.force_reference(None)
-    print(f"bf16 model, prefill + 60 decode steps, kernels vs reference: logits rel L2 "
-          f"{rel(bf16['kernels'], bf16['reference']):.2e}, argmax {agree(bf16['kernels'], bf16['reference']):.1%}; "
-          f"vs the float32 golden: kernels {rel(bf16['kernels'][:, 1:], golden['decode_logits']):.2e}, "
-          f"reference {rel(bf16['reference'][:, 1:], golden['decode_logits']):.2e}")
+    build.Launch.run = run
+    for part in ("prefill", "mtp", "decode"):
+        a, b = f32["kernels"][part], f32["reference"][part]
+        print(f"float32 model, {part} logits, kernels vs reference: rel L2 {rel(a, b):.2e}, argmax {agree(a, b):.1%}")
+    a, b = bf16["kernels"], bf16["reference"]
+    print(f"bf16 model, prefill + 60 decode steps, kernels vs reference: logits rel L2 {rel(a, b):.2e}, "
+          f"argmax {agree(a, b):.1%}; vs the float32 golden: kernels {rel(a[:, 1:], golden['decode_logits']):.2e}, "
+          f"reference {rel(b[:, 1:], golden['decode_logits']):.2e}")
 
 
 if __name__ == "__main__":

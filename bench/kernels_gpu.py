@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import statistics
 import subprocess
 import sys
@@ -739,9 +740,9 @@ def simulate_kernels() -> None:
     dispatch.kernel_ok = lambda name: True
     from mlx import nn
 
-    from dsv4_mlx.model import deepseek_v4
+    from dsv4_mlx.model import quantized
 
-    deepseek_v4.MXLinear.__call__ = nn.QuantizedLinear.__call__  # the GPU's quantized matmul, not the CPU's dense one
+    quantized.QuantizedLinear.__call__ = nn.QuantizedLinear.__call__  # the GPU's quantized matmul, not the CPU's dense one
     FLASH.update(n_routed_experts=32, moe_intermediate_size=256)  # the same graph as 256 x 2048, in CPU memory
 
 
@@ -923,11 +924,42 @@ def flash_model(layers: int = 43):
     return args, model
 
 
+def _decode_times(model, cache, token: mx.array, tokens: int) -> tuple[float, float, float]:
+    """Seconds a token: synchronised every token (median; and total / tokens once every cache array is
+    evaluated, which counts work a step deferred), and pipelined (likewise flushed)."""
+    def flush():
+        mx.eval(*[a for c in cache for a in _cache_arrays(c)])
+        mx.synchronize()
+
+    flush()
+    synced, t_start = [], time.perf_counter()
+    for _ in range(tokens):
+        t0 = time.perf_counter()
+        token = mx.argmax(model(token, cache)[:, -1], axis=-1)[:, None]
+        mx.eval(token)
+        token = mx.array([[token.item()]])
+        synced.append(time.perf_counter() - t0)
+    flush()
+    flushed = (time.perf_counter() - t_start) / tokens
+    t0 = time.perf_counter()
+    pending = mx.argmax(model(token, cache)[:, -1], axis=-1)[:, None]
+    mx.async_eval(pending)
+    for _ in range(tokens - 1):
+        nxt = mx.argmax(model(pending, cache)[:, -1], axis=-1)[:, None]
+        mx.async_eval(nxt)
+        pending.item()
+        pending = nxt
+    pending.item()
+    flush()
+    return statistics.median(synced), flushed, (time.perf_counter() - t0) / tokens
+
+
 def time_model(contexts: list[int], tokens: int = 24) -> None:
     """The whole model's decode step (43 Flash-sized layers, random weights, shared experts): ms per
     token with the model's default path (kernels, compiled steps) synchronised every token as the engine
     does, and pipelined (the next token's graph built before the last one is read, as mlx-lm does);
     graph nodes per decoded token; logits with kernels on vs the reference path from identical caches."""
+
     from dsv4_mlx.model import deepseek_v4
 
     say("\n== the whole model (43 Flash-sized layers, shared experts), decode at batch 1 ==")
@@ -944,35 +976,23 @@ def time_model(contexts: list[int], tokens: int = 24) -> None:
         for _ in range(3):  # traces and warm-up
             token = mx.argmax(model(token, cache)[:, -1], axis=-1)[:, None]
             mx.eval(token)
-        synced = []
-        for _ in range(tokens):
-            t0 = time.perf_counter()
-            token = mx.argmax(model(token, cache)[:, -1], axis=-1)[:, None]
-            mx.eval(token)
-            token = mx.array([[token.item()]])
-            synced.append(time.perf_counter() - t0)
-        mx.synchronize()
-        t0 = time.perf_counter()
-        pending = mx.argmax(model(token, cache)[:, -1], axis=-1)[:, None]
-        mx.async_eval(pending)
-        for _ in range(tokens - 1):
-            nxt = mx.argmax(model(pending, cache)[:, -1], axis=-1)[:, None]
-            mx.async_eval(nxt)
-            pending.item()
-            pending = nxt
-        pending.item()
-        piped = (time.perf_counter() - t0) / tokens
-        sync_ms = statistics.median(synced) * 1e3
-        say(f"  ctx {ctx // 1024}K: synchronised {sync_ms:.2f} ms/token ({1e3 / sync_ms:.1f} tok/s, "
-            f"{sync_ms / args.num_hidden_layers:.3f} ms a layer); pipelined {piped * 1e3:.2f} ms/token "
-            f"({1 / piped:.1f} tok/s, {piped * 1e3 / args.num_hidden_layers:.3f} ms a layer)")
+        for writes in (True, False):
+            deepseek_v4.EVALUATE_CACHE_WRITES = writes
+            sync_ms, flushed_ms, piped_ms = (t * 1e3 for t in _decode_times(model, cache, token, tokens))
+            say(f"  ctx {ctx // 1024}K, cache writes {'evaluated with each step' if writes else 'left to later steps'}: "
+                f"synchronised {sync_ms:.2f} ms/token median ({1e3 / sync_ms:.1f} tok/s, "
+                f"{sync_ms / args.num_hidden_layers:.3f} ms a layer), {flushed_ms:.2f} ms/token with all deferred "
+                f"work done; pipelined {piped_ms:.2f} ms/token ({1e3 / piped_ms:.1f} tok/s)")
+        deepseek_v4.EVALUATE_CACHE_WRITES = True
         if ctx == contexts[0]:
-            every = deepseek_v4.ASYNC_EVAL_EVERY
-            deepseek_v4.ASYNC_EVAL_EVERY = 1 << 30  # one graph for the whole step, to count it
-            logits = model(token, cache)
+            async_eval = mx.async_eval
+            mx.async_eval = lambda *arrays: None  # the step's whole graph left unevaluated, to count it
+            try:
+                logits = model(token, cache)
+            finally:
+                mx.async_eval = async_eval
             arrays = [a for c in cache for a in _cache_arrays(c)]
             total, compute, by = graph_nodes([logits, *arrays], Path(tempfile.mkdtemp()) / "model.dot")
-            deepseek_v4.ASYNC_EVAL_EVERY = every
             mx.eval(logits, *arrays)
             top = ", ".join(f"{k} {v}" for k, v in sorted(by.items(), key=lambda kv: -kv[1])[:12])
             say(f"  graph nodes per decoded token (whole model, ctx {ctx // 1024}K): {compute} compute / {total} all "
@@ -1117,8 +1137,19 @@ def profile_layer_ops() -> None:
         ("shared w2 2048->4096 mxfp8", lambda: ffn.shared_experts.w2(sh)),
         ("a trivial MLX op (x + 1)", lambda: xn + 1),
     ]
-    say(f"  {'operation':44s} {'build':>8s} {'synced':>8s} {'20 in flight':>13s} (us per call)")
-    total_flight = 0.0
+    gpu_clock = mx.cuda.is_available()
+    if gpu_clock:
+        from gpu_clock import gpu_time
+
+        def twenty(fn):
+            def work(_):
+                outs = [fn() for _ in range(20)]
+                return [a for out in outs for a in (out if isinstance(out, (tuple, list)) else [out])]
+            return work
+
+    say(f"  {'operation':44s} {'build':>8s} {'synced':>8s} {'20 in flight':>13s} {'GPU alone':>10s} (us per call; "
+        "GPU alone: 20 calls queued behind a spin, GPU clock)")
+    total_flight = total_gpu = 0.0
     for label, fn in rows:
         try:
             calls = []
@@ -1128,11 +1159,14 @@ def profile_layer_ops() -> None:
                 calls.append(time.perf_counter() - t0)
             build_us = statistics.median(calls) * 1e6
             one, flight = timed(fn, reps=10), timed(fn, reps=5, batch=20)
+            gpu = min(gpu_time(twenty(fn), xn) for _ in range(3)) / 20 if gpu_clock else float("nan")
             total_flight += flight
-            say(f"  {label:44s} {build_us:8.1f} {one * 1e6:8.1f} {flight * 1e6:13.1f}")
+            total_gpu += gpu
+            say(f"  {label:44s} {build_us:8.1f} {one * 1e6:8.1f} {flight * 1e6:13.1f} {gpu * 1e6:10.1f}")
         except Exception as exc:  # noqa: BLE001  report and go on
             say(f"  {label:44s} error {type(exc).__name__}: {str(exc)[:200]}")
-    say(f"  sum of the in-flight times (one of each; the step runs some twice): {total_flight * 1e6:.0f} us")
+    say(f"  sums (one of each; the step runs some twice): in flight {total_flight * 1e6:.0f} us, GPU alone "
+        f"{total_gpu * 1e6:.0f} us")
 
 
 def compare_layer(contexts: list[int]) -> None:
@@ -1210,7 +1244,8 @@ def main() -> int:
         gpu_name = "?"
     say(f"mlx {mx.__version__}, device {mx.default_device()}, backend {dispatch._build.backend()}, GPU {gpu_name}, "
         f"kernels enabled: {dispatch.kernels_enabled()}{' (simulated)' if args.simulate else ''}, "
-        f"{time.strftime('%Y-%m-%d %H:%M:%S')}")
+        f"{time.strftime('%Y-%m-%d %H:%M:%S')}, MLX settings: "
+        f"{' '.join(f'{k}={v}' for k, v in sorted(os.environ.items()) if k.startswith('MLX_')) or 'defaults'}")
     sections = set(args.sections.split(","))
     steps = []
     if "check" in sections:

@@ -49,3 +49,23 @@ def test_weight_updates_drop_compiled_steps(model_f32, monkeypatch):
     model_f32.update(model_f32.parameters())  # the same values, new arrays: traces must not keep old ones
     assert not block._compiled_fns
     assert deepseek_v4.compiled_steps(1) and not deepseek_v4.compiled_steps(deepseek_v4.COMPILED_MAX_TOKENS + 1)
+
+
+def _pending_nodes(arrays: list[mx.array], path) -> int:
+    mx.export_to_dot(str(path), *arrays)
+    return path.read_text().count("shape=rectangle")
+
+
+def test_decode_step_leaves_no_cache_work_pending(model_f32, golden, monkeypatch, tmp_path):
+    """A step's cache writes run with the step: between a compressor's block completions nothing reads
+    its token ring, and without this a ratio-128 layer would pile up to 127 steps of ring writes for the
+    step that completes the block (a latency spike every 128 tokens)."""
+    monkeypatch.setenv("DSV4_COMPILE", "1")
+    tokens = golden["tokens"]
+    cache = model_f32.make_cache()
+    model_f32(tokens[:, :PROMPT], cache)
+    for t in range(6):
+        mx.eval(model_f32(tokens[:, PROMPT + t:PROMPT + t + 1], cache))
+        mx.synchronize()
+        written = [a for layer in cache for a in layer.step_arrays() if a is not None]
+        assert _pending_nodes(written, tmp_path / "step.dot") == 0, f"step {t}"

@@ -16,6 +16,7 @@ from mlx.utils import tree_flatten
 
 from ..model.args import ConfigError, ModelArgs
 from ..model.deepseek_v4 import Model
+from ..model.quantized import adapt_to_backend
 from .hub_layout import check_hub_layout, expected_tensors
 from .safetensors_io import CheckpointError, index_checkpoint, load_tensor
 
@@ -72,6 +73,7 @@ def load_model(path: str | Path, dtype: mx.Dtype | None = None) -> Model:
     if missing:
         raise CheckpointError(f"{path}: no checkpoint tensor provides '{missing[0]}' ({len(missing)} parameters)")
     model.eval()
+    adapt_to_backend(model, dtype)
     return model
 
 

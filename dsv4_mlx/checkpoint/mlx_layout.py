@@ -13,12 +13,13 @@ import json
 from pathlib import Path
 
 import mlx.core as mx
-import mlx.nn as nn
+from mlx import nn
 from mlx.utils import tree_flatten
 from mlx_lm.models.switch_layers import QuantizedSwitchLinear
 
 from ..model.args import ConfigError, ModelArgs
 from ..model.deepseek_v4 import Model
+from ..model.quantized import GatheredLinear, QuantizedLinear, adapt_to_backend
 from .safetensors_io import CheckpointError, read_header
 
 MANIFEST = "dsv4-convert-manifest.json"
@@ -57,9 +58,9 @@ def _rebuilt(module: nn.Module, spec: dict) -> nn.Module | None:
         *lead, out_dims, packed = module.weight.shape
         in_dims = packed * 32 // module.bits
         if isinstance(module, QuantizedSwitchLinear):
-            return QuantizedSwitchLinear(in_dims, out_dims, lead[0], bias=False, group_size=group_size, bits=bits,
-                                         mode=mode)
-        return nn.QuantizedLinear(in_dims, out_dims, bias=False, group_size=group_size, bits=bits, mode=mode)
+            return GatheredLinear(in_dims, out_dims, lead[0], bias=False, group_size=group_size, bits=bits,
+                                  mode=mode)
+        return QuantizedLinear(in_dims, out_dims, bias=False, group_size=group_size, bits=bits, mode=mode)
     if isinstance(module, (nn.Linear, nn.Embedding)):
         return module.to_quantized(group_size=group_size, bits=bits, mode=mode)
     raise CheckpointError(f"config.json quantizes a {type(module).__name__}, which cannot be quantized")
@@ -153,6 +154,7 @@ def load_converted(path: str | Path, dtype: mx.Dtype | None = None) -> Model:
         model.load_weights(list(weights.items()), strict=False)
         del weights
     model.eval()
+    adapt_to_backend(model, dtype)
     return model
 
 

@@ -61,7 +61,7 @@ class ModelArgs:
     extra: dict = field(default_factory=dict)
 
     @classmethod
-    def from_dict(cls, config: dict[str, Any]) -> "ModelArgs":
+    def from_dict(cls, config: dict[str, Any]) -> ModelArgs:
         names = {f.name for f in fields(cls)}
         missing = [f.name for f in fields(cls) if f.name in _REQUIRED and f.name not in config]
         if config.get("model_type") != "deepseek_v4":

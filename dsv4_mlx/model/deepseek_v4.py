@@ -20,13 +20,13 @@ import re
 
 import mlx.core as mx
 from mlx import nn
-from mlx_lm.models.switch_layers import QuantizedSwitchLinear
 
 from ..attention import dispatch as ops
 from ..attention.reference import float32_linear, hc_collapse, hc_mixes
 from ..attention.rope import RopeTable, rope_frequencies, rope_table
 from ..cache import DEFAULT_ROLLBACK, Fp4Arrays, Fp8Arrays, LayerCache
 from .args import ModelArgs
+from .quantized import GatheredLinear, QuantizedLinear
 
 MX_GROUP = 32  # MX formats: one e8m0 scale per 32 values
 FP8_WEIGHT_BLOCK = 128  # the checkpoint's FP8 weights: one scale per 128x128 tile
@@ -37,6 +37,10 @@ COMPILED_MAX_TOKENS = 4
 # On a GPU, a decode step hands its graph to the GPU every this many layers (not once at the end), so
 # that the GPU computes the first layers while Python is still building the later ones.
 ASYNC_EVAL_EVERY = 4
+# A decode step also evaluates the cache arrays it writes, including those its output does not read (a
+# compressor's token ring between block completions), instead of leaving them to the step that reads
+# them next (for a ratio-128 layer, up to 127 steps later: a latency spike every 128 tokens).
+EVALUATE_CACHE_WRITES = True
 
 
 def compiled_steps(tokens: int) -> bool:
@@ -48,26 +52,9 @@ def compiled_steps(tokens: int) -> bool:
     return setting not in ("", "0") if setting else ops.kernels_enabled()
 
 
-class MXLinear(nn.QuantizedLinear):
-    """A quantized linear (MX formats) that, on the CPU backend, dequantizes and runs a dense matmul.
-
-    MLX's CPU kernels for mxfp8/mxfp4 matmuls are ~10x slower than dequantize + dense for more
-    than a few rows; GPUs keep the fused quantized kernel. Dequantizing is exact either way. The CPU
-    takes the dense path for every row count, so a 1-token decode step and a multi-token call (MTP
-    verification, chunked prefill) round alike and greedy speculation stays identical to greedy.
-    """
-
-    def __call__(self, x: mx.array) -> mx.array:
-        if mx.default_device() == mx.cpu:
-            weight = mx.dequantize(self["weight"], self["scales"], group_size=self.group_size, bits=self.bits,
-                                   mode=self.mode, dtype=x.dtype)
-            return x @ weight.T
-        return super().__call__(x)
-
-
-def fp8_linear(in_dims: int, out_dims: int) -> nn.QuantizedLinear:
+def fp8_linear(in_dims: int, out_dims: int) -> QuantizedLinear:
     """A linear whose weight is the checkpoint's FP8 tensor, held bit-exact as MLX mxfp8."""
-    return MXLinear(in_dims, out_dims, bias=False, group_size=MX_GROUP, bits=8, mode="mxfp8")
+    return QuantizedLinear(in_dims, out_dims, bias=False, group_size=MX_GROUP, bits=8, mode="mxfp8")
 
 
 class RMSNorm(nn.Module):
@@ -214,7 +201,7 @@ class Indexer(nn.Module):
 _batch_ids: dict[tuple[int, ...], mx.array] = {}
 
 
-def gathered_matmul(linear: QuantizedSwitchLinear, x: mx.array, indices: mx.array) -> mx.array:
+def gathered_matmul(linear: GatheredLinear, x: mx.array, indices: mx.array) -> mx.array:
     """`linear(x, indices)` (unsorted), with x's batch indices passed as a constant: MLX would otherwise
     build them with an arange every call (one more dispatch for each routed projection)."""
     batch = x.shape[:-2]
@@ -224,9 +211,7 @@ def gathered_matmul(linear: QuantizedSwitchLinear, x: mx.array, indices: mx.arra
         if math.prod(batch) <= 4096:  # decode-sized batches: keep the constant
             mx.eval(lhs)
             _batch_ids[batch] = lhs
-    return mx.gather_qmm(x, linear["weight"], linear["scales"], linear.get("biases"), lhs_indices=lhs,
-                         rhs_indices=indices, transpose=True, group_size=linear.group_size, bits=linear.bits,
-                         mode=linear.mode)
+    return linear.gathered(x, indices, lhs)
 
 
 class GroupedOutput(nn.Module):
@@ -234,7 +219,7 @@ class GroupedOutput(nn.Module):
 
     def __init__(self, groups: int, in_dims: int, rank: int):
         super().__init__()
-        self.proj = QuantizedSwitchLinear(in_dims, rank, groups, bias=False, group_size=MX_GROUP, bits=8,
+        self.proj = GatheredLinear(in_dims, rank, groups, bias=False, group_size=MX_GROUP, bits=8,
                                           mode="mxfp8")
         self.groups = groups
         self._group_ids = mx.arange(groups, dtype=mx.uint32)  # a constant (not a parameter)
@@ -364,9 +349,9 @@ class RoutedExperts(nn.Module):
         bits, mode = (4, "mxfp4") if args.expert_dtype == "fp4" else (8, "mxfp8")
         n, d, inter = args.n_routed_experts, args.hidden_size, args.moe_intermediate_size
         kw = {"bias": False, "group_size": MX_GROUP, "bits": bits, "mode": mode}
-        self.w1 = QuantizedSwitchLinear(d, inter, n, **kw)
-        self.w2 = QuantizedSwitchLinear(inter, d, n, **kw)
-        self.w3 = QuantizedSwitchLinear(d, inter, n, **kw)
+        self.w1 = GatheredLinear(d, inter, n, **kw)
+        self.w2 = GatheredLinear(inter, d, n, **kw)
+        self.w3 = GatheredLinear(d, inter, n, **kw)
         self.limit = args.swiglu_limit
 
     def __call__(self, x: mx.array, indices: mx.array, weights: mx.array) -> mx.array:
@@ -552,13 +537,20 @@ class Model(nn.Module):
         positions = self._positions(cache[0], inputs.shape[1])
         h = self.embed(inputs) if input_embeddings is None else input_embeddings
         h = mx.broadcast_to(h[..., None, :], (*h.shape[:2], self.args.hc_mult, h.shape[-1]))
-        overlap = inputs.shape[1] <= COMPILED_MAX_TOKENS and ops.kernels_enabled()
+        decode = inputs.shape[1] <= COMPILED_MAX_TOKENS
+        overlap = decode and ops.kernels_enabled()
+        written: list[mx.array] = []
         for i, (layer, layer_cache) in enumerate(zip(self.layers, cache)):
             h = layer(h, inputs, positions, layer_cache)
             if layer_outputs is not None:
                 layer_outputs.append(h)
+            if decode and EVALUATE_CACHE_WRITES:
+                written += [a for a in layer_cache.step_arrays() if a is not None]
             if overlap and (i + 1) % ASYNC_EVAL_EVERY == 0:
-                mx.async_eval(h)
+                mx.async_eval(h, *written)
+                written = []
+        if written:
+            mx.async_eval(h, *written)
         return h
 
     def logits(self, hidden: mx.array) -> mx.array:
