@@ -290,6 +290,13 @@ def check_hc() -> None:
                 f"comb {same[2]:.1e}")
             errs = same
         expect(errs[0] < tol_y and errs[1] < 1e-4 and errs[2] < 1e-4, f"hc_pre rows={rows} {dtype}")
+        weight = (1 + 0.1 * mx.random.normal((dim,))).astype(dtype)
+        normed = kernels.hc_pre(x, fn, base, scale, iters, 1e-6, 1e-6, norm_weight=weight, out_eps=1e-6, **kw)[0]
+        want = mx.fast.rms_norm(got[0], weight, 1e-6)  # the same kernel's y through MLX's RMSNorm
+        e_norm, _ = rel_err(normed, want)
+        same = float(mx.mean((normed == want).astype(mx.float32)).item())
+        say(f"      with the RMSNorm fused: vs y + MLX's RMSNorm {e_norm:.1e} ({same:.2%} identical)")
+        expect(e_norm < (1e-6 if dtype == mx.float32 else 8e-3), f"hc_pre normed rows={rows} {dtype}")
         out = mx.random.normal((rows, 1, dim)).astype(dtype)
         post, comb = truth[1], truth[2]
         new = kernels.hc_post(out, x, post, comb)
@@ -298,6 +305,17 @@ def check_hc() -> None:
         e = rel_err(new, mx.array(want.astype(np.float32)))[0]
         say(f"  hc_post rows={rows} {dtype}: {e:.1e}")
         expect(e < (1e-6 if dtype == mx.float32 else 8e-3), f"hc_post rows={rows}")
+        # The MoE's form: 6 weighted expert outputs + the shared expert, summed by the same dispatch. The
+        # truth is float64 (MLX's reference path mixes with a float32 matmul, TF32 on CUDA by default).
+        parts, extra = mx.random.normal((rows, 1, 6, dim)).astype(dtype), mx.random.normal((rows, 1, dim)).astype(dtype)
+        summed = kernels.hc_post(parts, x, post, comb, extra)
+        total = np.array(parts.astype(mx.float32), np.float64).sum(-2) + np.array(extra.astype(mx.float32), np.float64)
+        want = np.array(post, np.float64)[..., None] * total[..., None, :] + \
+            np.einsum("bsij,bsid->bsjd", np.array(comb, np.float64), np.array(x.astype(mx.float32), np.float64))
+        e = rel_err(summed, mx.array(want.astype(np.float32)))[0]
+        e_ref = rel_err(reference.hc_post_sum(parts, extra, x, post, comb), mx.array(want.astype(np.float32)))[0]
+        say(f"  hc_post of 6 parts + extra rows={rows} {dtype}: {e:.1e} (the unfused MLX reference: {e_ref:.1e})")
+        expect(e < (1e-6 if dtype == mx.float32 else 8e-3), f"hc_post parts rows={rows}")
 
 
 def numpy_hc_pre(x, fn, base, scale, hc, iters, hc_eps, norm_eps):

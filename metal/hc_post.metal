@@ -1,6 +1,11 @@
 // Hyper-connection post-mix: new[j] = post[j] * out + sum_i comb[i][j] * x[i], float32 math, one
 // pass over the sub-layer output and the HC input streams.
 //
+// The sub-layer output may come in PARTS rows to add up first, plus `extra` when HAS_EXTRA: the MoE's
+// routed experts (one row per expert, already weighted) and its shared expert, so the sum needs no
+// dispatch of its own. The sum rounds as the unfused model does: the parts' float32 sum to T, then
+// + extra, to T again.
+//
 // Launch geometry (threads): grid = (TGX * XGROUPS * rows, 1, 1), threadgroup = (TGX, 1, 1), where
 // XGROUPS * TGX * 4 >= DIM; threadgroup_position_in_grid.x = row * XGROUPS + group, and thread t of
 // group g handles dims (g * TGX + t) * 4 .. + 3 (rows on x: no 65535 limit on the token count).
@@ -16,7 +21,18 @@ if (dim < DIM) {
   float xs[HC][4];
   DSV4_UNROLL
   for (int k = 0; k < 4; ++k) {
-    o[k] = static_cast<float>(out[row * DIM + dim + k]);
+    float total = 0.0f;
+    DSV4_UNROLL
+    for (int p = 0; p < PARTS; ++p) {
+      total += static_cast<float>(out[(row * PARTS + p) * DIM + dim + k]);
+    }
+    if (PARTS > 1) {
+      total = static_cast<float>(static_cast<T>(total));
+    }
+    if (HAS_EXTRA) {
+      total = static_cast<float>(static_cast<T>(total + static_cast<float>(extra[row * DIM + dim + k])));
+    }
+    o[k] = total;
   }
   DSV4_UNROLL
   for (int i = 0; i < HC; ++i) {

@@ -13,7 +13,9 @@
 // accumulates sum(x^2), reading every fn row once (fn is the dominant traffic for a single token).
 // Sinkhorn runs in SIMD-group 0, lane (i * HC + j) holding comb[i][j] (lanes >= HC*HC mirror lower
 // ones); row sums are xor-shuffles across the j bits and column sums across the i bits.
-// params = (hc_eps, norm_eps). Needs HC a power of two with HC * HC <= 32, and DIM % 4 == 0.
+// NORM: y leaves RMS-normalised and scaled by `norm_w` (the sub-layer's input RMSNorm, rounded as
+// MLX's RMSNorm rounds: y to T, then T(y * rsqrt(mean(y^2) + out_eps)) * w in T), saving that dispatch.
+// params = (hc_eps, norm_eps, out_eps). Needs HC a power of two with HC * HC <= 32, and DIM % 4 == 0.
 
 constexpr int NSG = NT / 32;
 constexpr int WIDTH = HC * DIM;
@@ -128,15 +130,40 @@ if (sg == 0) {
 }
 DSV4_BARRIER();
 
+constexpr int YSTEPS = (DIM + NT - 1) / NT;
+float yv[YSTEPS];
+float ysq = 0.0f;
 DSV4_UNROLL
-for (int step = 0; step < (DIM + NT - 1) / NT; ++step) {
+for (int step = 0; step < YSTEPS; ++step) {
   const int d = step * NT + tid;
+  yv[step] = 0.0f;
   if (d < DIM) {
     float acc = 0.0f;
     DSV4_UNROLL
     for (int i = 0; i < HC; ++i) {
       acc += pre_sh[i] * static_cast<float>(x[x_base + i * DIM + d]);
     }
-    y[row * DIM + d] = static_cast<T>(acc);
+    yv[step] = static_cast<float>(static_cast<T>(acc));
+    ysq += yv[step] * yv[step];
+  }
+}
+float inv_rms = 1.0f;
+if (NORM) {
+  ysq = dsv4_simd_sum(ysq);
+  if (lane == 0) {
+    red[sg] = ysq;
+  }
+  DSV4_BARRIER();
+  float total = 0.0f;
+  for (int w = 0; w < NSG; ++w) {
+    total += red[w];
+  }
+  inv_rms = dsv4_rsqrt(total / float(DIM) + params[2]);
+}
+DSV4_UNROLL
+for (int step = 0; step < YSTEPS; ++step) {
+  const int d = step * NT + tid;
+  if (d < DIM) {
+    y[row * DIM + d] = NORM ? static_cast<T>(static_cast<T>(yv[step] * inv_rms) * norm_w[d]) : static_cast<T>(yv[step]);
   }
 }

@@ -229,45 +229,53 @@ def supports_hc(x: mx.array) -> bool:
 
 
 def plan_hc_pre(x: mx.array, fn: mx.array, base: mx.array, scale: mx.array, iters: int, hc_eps: float,
-                norm_eps: float, mixes: mx.array | None = None) -> Launch:
+                norm_eps: float, mixes: mx.array | None = None, norm_weight: mx.array | None = None,
+                out_eps: float = 0.0) -> Launch:
+    """With `norm_weight`, y comes out through the sub-layer's RMSNorm (weight, `out_eps`)."""
     *lead, hc, dim = x.shape
     rows = math.prod(lead)
     have_mixes = mixes is not None
     template = [("T", x.dtype), ("HC", hc), ("DIM", dim), ("ITERS", iters), ("NT", HC_THREADS),
-                ("HAVE_MIXES", have_mixes)]
-    inputs = [x, fn.astype(mx.float32), base.astype(mx.float32), scale.astype(mx.float32), _f32(hc_eps, norm_eps),
-              mixes if have_mixes else _placeholder(mx.float32)]
+                ("HAVE_MIXES", have_mixes), ("NORM", norm_weight is not None)]
+    inputs = [x, fn.astype(mx.float32), base.astype(mx.float32), scale.astype(mx.float32),
+              _f32(hc_eps, norm_eps, out_eps), mixes if have_mixes else _placeholder(mx.float32),
+              norm_weight.astype(x.dtype) if norm_weight is not None else _placeholder(x.dtype)]
     return Launch("hc_pre", inputs, template, grid=(HC_THREADS * rows, 1, 1), threadgroup=(HC_THREADS, 1, 1),
                   output_shapes=[(*lead, dim), (*lead, hc), (*lead, hc, hc)],
                   output_dtypes=[x.dtype, mx.float32, mx.float32])
 
 
 def hc_pre(x: mx.array, fn: mx.array, base: mx.array, scale: mx.array, iters: int, hc_eps: float,
-           norm_eps: float, fused_max_rows: int = HC_FUSED_MAX_ROWS,
-           mixes: mx.array | None = None) -> tuple[mx.array, mx.array, mx.array]:
+           norm_eps: float, fused_max_rows: int = HC_FUSED_MAX_ROWS, mixes: mx.array | None = None,
+           norm_weight: mx.array | None = None, out_eps: float = 0.0) -> tuple[mx.array, mx.array, mx.array]:
     """`HyperConnection.pre` in one dispatch (plus one matmul for more than `fused_max_rows` tokens;
     `mixes` [rows, (2 + hc) * hc], when given, are those dot products already made)."""
     rows = math.prod(x.shape[:-2])
     if mixes is None and rows > fused_max_rows:
         mixes = x.reshape(rows, -1).astype(mx.float32) @ fn.astype(mx.float32).T
-    y, post, comb = plan_hc_pre(x, fn, base, scale, iters, hc_eps, norm_eps, mixes).run()
+    y, post, comb = plan_hc_pre(x, fn, base, scale, iters, hc_eps, norm_eps, mixes, norm_weight, out_eps).run()
     return y, post, comb
 
 
-def plan_hc_post(out: mx.array, x: mx.array, post: mx.array, comb: mx.array) -> Launch:
+def plan_hc_post(out: mx.array, x: mx.array, post: mx.array, comb: mx.array,
+                 extra: mx.array | None = None) -> Launch:
+    """out [..., D] or, summed first, [..., parts, D] (with `extra` [..., D] added after; see hc_post.metal)."""
     *lead, hc, dim = x.shape
     rows = math.prod(lead)
+    parts = out.size // (rows * dim)
     tgx = min(HC_POST_THREADS, dim // 4)
     xgroups = -(-(dim // 4) // tgx)
-    template = [("T", x.dtype), ("HC", hc), ("DIM", dim), ("TGX", tgx), ("XGROUPS", xgroups)]
-    return Launch("hc_post", [out, x, post.astype(mx.float32), comb.astype(mx.float32)], template,
-                  grid=(tgx * xgroups * rows, 1, 1), threadgroup=(tgx, 1, 1), output_shapes=[x.shape],
+    template = [("T", x.dtype), ("HC", hc), ("DIM", dim), ("TGX", tgx), ("XGROUPS", xgroups), ("PARTS", parts),
+                ("HAS_EXTRA", extra is not None)]
+    extra = extra if extra is not None else _placeholder(x.dtype)
+    return Launch("hc_post", [out, x, post.astype(mx.float32), comb.astype(mx.float32), extra],
+                  template, grid=(tgx * xgroups * rows, 1, 1), threadgroup=(tgx, 1, 1), output_shapes=[x.shape],
                   output_dtypes=[x.dtype])
 
 
-def hc_post(out: mx.array, x: mx.array, post: mx.array, comb: mx.array) -> mx.array:
-    """`HyperConnection.post` in one dispatch."""
-    return plan_hc_post(out, x, post, comb).run()[0]
+def hc_post(out: mx.array, x: mx.array, post: mx.array, comb: mx.array, extra: mx.array | None = None) -> mx.array:
+    """`HyperConnection.post` in one dispatch (`out` summed over its parts first, then + `extra`)."""
+    return plan_hc_post(out, x, post, comb, extra).run()[0]
 
 
 # --- decode-step kernels: RoPE rows, small float32 GEMVs, MoE routing, SwiGLU ----------------------------

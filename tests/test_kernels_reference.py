@@ -161,6 +161,12 @@ def test_hc_reference_matches_float64():
     ref = np.array(post)[..., None] * np.array(out)[..., None, :] + np.einsum(
         "bsij,bsid->bsjd", np.array(comb, np.float64), np.array(x, np.float64))
     np.testing.assert_allclose(np.array(new), ref, rtol=1e-5, atol=1e-5)
+    parts, extra = mx.random.normal((1, 3, 6, 64)), mx.random.normal((1, 3, 64))
+    summed = dispatch.hc_post_sum(parts, extra, x, post, comb)
+    total = np.array(parts, np.float64).sum(-2) + np.array(extra, np.float64)
+    ref = np.array(post)[..., None] * total[..., None, :] + np.einsum(
+        "bsij,bsid->bsjd", np.array(comb, np.float64), np.array(x, np.float64))
+    np.testing.assert_allclose(np.array(summed), ref, rtol=1e-5, atol=1e-5)
 
 
 def test_model_hyper_connection_goes_through_the_dispatcher():

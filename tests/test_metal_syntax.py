@@ -207,8 +207,14 @@ def _example_launches() -> list[tuple[str, build.Launch]]:
         ("hc pre fused", kernels.plan_hc_pre(x, fn, base, scale, 20, 1e-6, 1e-6)),
         ("hc pre from mixes", kernels.plan_hc_pre(x, fn, base, scale, 20, 1e-6, 1e-6,
                                                   mixes=mx.zeros((B, 24), mx.float32))),
+        ("hc pre from mixes, normed", kernels.plan_hc_pre(x, fn, base, scale, 20, 1e-6, 1e-6,
+                                                          mixes=mx.zeros((B, 24), mx.float32),
+                                                          norm_weight=mx.ones((4096,), bf16), out_eps=1e-6)),
         ("hc post", kernels.plan_hc_post(mx.zeros((B, 1, 4096), bf16), x, mx.zeros((B, 1, 4), mx.float32),
                                          mx.zeros((B, 1, 4, 4), mx.float32))),
+        ("hc post of the MoE's parts", kernels.plan_hc_post(
+            mx.zeros((B, 1, 6, 4096), bf16), x, mx.zeros((B, 1, 4), mx.float32), mx.zeros((B, 1, 4, 4), mx.float32),
+            extra=mx.zeros((B, 1, 4096), bf16))),
     ]
     cos, sin = mx.zeros((1, rd), mx.float32), mx.zeros((1, rd), mx.float32)
     kv_w = mx.zeros((D,), bf16)

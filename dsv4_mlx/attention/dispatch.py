@@ -144,15 +144,22 @@ def indexer_topk(q: mx.array, weights: mx.array, keys, positions: mx.array, rati
 
 
 def hc_pre(x: mx.array, fn: mx.array, base: mx.array, scale: mx.array, hc: int, iters: int, hc_eps: float,
-           norm_eps: float) -> tuple[mx.array, mx.array, mx.array]:
-    """The mHC pre-mix: (sub-layer input [B,S,D], post [B,S,hc], comb [B,S,hc,hc] from stream i to j)."""
+           norm_eps: float, norm_weight: mx.array | None = None,
+           out_eps: float = 0.0) -> tuple[mx.array, mx.array, mx.array]:
+    """The mHC pre-mix: (sub-layer input [B,S,D], post [B,S,hc], comb [B,S,hc,hc] from stream i to j).
+    With `norm_weight`, the sub-layer input comes out through its RMSNorm (`out_eps`): on the GPU the
+    same dispatch normalises it."""
     if kernels_enabled() and _kernels.supports_hc(x):
         flat = x.reshape(-1, x.shape[-2] * x.shape[-1])
         mixes = None
         if _use("decode_gemv", _kernels.supports_gemv(flat, fn)):  # a decode step: one GEMV dispatch
             mixes = _kernels.decode_gemv(flat, fn)[0].reshape(flat.shape[0], -1)
-        return _kernels.hc_pre(x, fn, base, scale, iters, hc_eps, norm_eps, mixes=mixes)
-    return reference.hc_pre(x, fn, base, scale, hc, iters, hc_eps, norm_eps)
+        return _kernels.hc_pre(x, fn, base, scale, iters, hc_eps, norm_eps, mixes=mixes, norm_weight=norm_weight,
+                               out_eps=out_eps)
+    y, post, comb = reference.hc_pre(x, fn, base, scale, hc, iters, hc_eps, norm_eps)
+    if norm_weight is not None:
+        y = mx.fast.rms_norm(y, norm_weight.astype(y.dtype), out_eps)
+    return y, post, comb
 
 
 def hc_post(out: mx.array, x: mx.array, post: mx.array, comb: mx.array) -> mx.array:
@@ -160,6 +167,14 @@ def hc_post(out: mx.array, x: mx.array, post: mx.array, comb: mx.array) -> mx.ar
     if kernels_enabled() and _kernels.supports_hc(x):
         return _kernels.hc_post(out, x, post, comb)
     return reference.hc_post(out, x, post, comb)
+
+
+def hc_post_sum(parts: mx.array, extra: mx.array | None, x: mx.array, post: mx.array, comb: mx.array) -> mx.array:
+    """`hc_post` of out = parts.sum(-2) (+ extra): parts [..., n, D] (the MoE's weighted routed experts,
+    `extra` its shared expert). One dispatch on the GPU, the sum included."""
+    if kernels_enabled() and _kernels.supports_hc(x):
+        return _kernels.hc_post(parts, x, post, comb, extra)
+    return reference.hc_post_sum(parts, extra, x, post, comb)
 
 
 # --- the decode-step kernels ------------------------------------------------------------------------

@@ -309,6 +309,12 @@ def hc_pre(x: mx.array, fn: mx.array, base: mx.array, scale: mx.array, hc: int, 
     return hc_collapse(x, pre), post, comb
 
 
+def hc_post_sum(parts: mx.array, extra: mx.array | None, x: mx.array, post: mx.array, comb: mx.array) -> mx.array:
+    """`hc_post` of a sub-layer output given in parts: out = parts.sum(-2) (+ extra), in their dtype."""
+    out = parts.sum(axis=-2)
+    return hc_post(out if extra is None else out + extra, x, post, comb)
+
+
 def hc_post(out: mx.array, x: mx.array, post: mx.array, comb: mx.array) -> mx.array:
     """new[j] = post[j] * out + sum_i comb[i, j] * x[i]."""
     mixed = comb.swapaxes(-1, -2) @ x.astype(mx.float32)

@@ -78,13 +78,20 @@ class HyperConnection(nn.Module):
         self.scale = mx.zeros((3,), dtype=mx.float32)
         self.hc, self.iters, self.hc_eps, self.norm_eps = hc, args.hc_sinkhorn_iters, args.hc_eps, args.rms_norm_eps
 
-    def pre(self, x: mx.array) -> tuple[mx.array, mx.array, mx.array]:
-        """Returns (sub-layer input [B,S,D], post weights [B,S,hc], comb [B,S,hc,hc] from i to j)."""
-        return ops.hc_pre(x, self.fn, self.base, self.scale, self.hc, self.iters, self.hc_eps, self.norm_eps)
+    def pre(self, x: mx.array, norm: RMSNorm | None = None) -> tuple[mx.array, mx.array, mx.array]:
+        """Returns (sub-layer input [B,S,D], post weights [B,S,hc], comb [B,S,hc,hc] from i to j); with
+        `norm`, the sub-layer input as that RMSNorm leaves it (one dispatch on a GPU)."""
+        weight, eps = (norm.weight, norm.eps) if norm is not None else (None, 0.0)
+        return ops.hc_pre(x, self.fn, self.base, self.scale, self.hc, self.iters, self.hc_eps, self.norm_eps,
+                          weight, eps)
 
     def post(self, out: mx.array, x: mx.array, post: mx.array, comb: mx.array) -> mx.array:
         """new[j] = post[j] * out + sum_i comb[i, j] * x[i]."""
         return ops.hc_post(out, x, post, comb)
+
+    def post_sum(self, parts: mx.array, extra: mx.array, x: mx.array, post: mx.array, comb: mx.array) -> mx.array:
+        """`post` of out = parts.sum(-2) + extra, the sum done by the same dispatch on a GPU."""
+        return ops.hc_post_sum(parts, extra, x, post, comb)
 
 
 class HeadCollapse(nn.Module):
@@ -356,6 +363,10 @@ class RoutedExperts(nn.Module):
 
     def __call__(self, x: mx.array, indices: mx.array, weights: mx.array) -> mx.array:
         """x [B,S,D], indices/weights [B,S,k] -> sum_k weights_k * expert_k(x), weight applied before w2."""
+        return self.parts(x, indices, weights).sum(axis=-2)
+
+    def parts(self, x: mx.array, indices: mx.array, weights: mx.array) -> mx.array:
+        """The terms of `__call__`'s sum, [B,S,k,D]."""
         # Sorting tokens by expert makes gather_qmm read each expert's weights once (long prefills).
         do_sort = indices.size >= 64
         xe = mx.expand_dims(x, (-2, -3))  # [B,S,1,1,D]
@@ -370,7 +381,7 @@ class RoutedExperts(nn.Module):
         out = self.w2(h, idx, sorted_indices=True) if do_sort else gathered_matmul(self.w2, h, idx)
         if do_sort:
             out = out[inverse].reshape(*indices.shape, 1, -1)
-        return out.squeeze(-2).sum(axis=-2)
+        return out.squeeze(-2)
 
 
 def _sort_by_expert(x: mx.array, indices: mx.array, weights: mx.array):
@@ -411,8 +422,14 @@ class MoE(nn.Module):
         self.shared_experts = SharedExpert(args)
 
     def __call__(self, x: mx.array, ids: mx.array) -> mx.array:
+        routed, shared = self.parts(x, ids)
+        return routed.sum(axis=-2) + shared
+
+    def parts(self, x: mx.array, ids: mx.array) -> tuple[mx.array, mx.array]:
+        """(the routed experts' weighted outputs [B,S,k,D], the shared expert's [B,S,D]): `__call__`
+        is their sum, which the block leaves to its hc post-mix."""
         indices, weights = self.gate(x, ids)
-        return self.experts(x, indices, weights) + self.shared_experts(x)
+        return self.experts.parts(x, indices, weights), self.shared_experts(x)
 
 
 class Block(nn.Module):
@@ -457,16 +474,15 @@ class Block(nn.Module):
 
     def prologue(self, h: mx.array, cos: mx.array, sin: mx.array) -> tuple:
         """The attention's hc pre-mix and norm, its query / kv projections and the indexer's query."""
-        y, post, comb = self.hc_attn.pre(h)
-        x = self.attn_norm(y)
+        x, post, comb = self.hc_attn.pre(h, self.attn_norm)
         return (x, *self.attn.project(x, RopeTable(cos, sin)), post, comb)
 
     def epilogue(self, o: mx.array, h: mx.array, post: mx.array, comb: mx.array, cos: mx.array, sin: mx.array,
                  ids: mx.array) -> mx.array:
         """The attention's output and hc post-mix, then the MoE between its own hc mixes."""
         h = self.hc_attn.post(self.attn.output(o, RopeTable(cos, sin)), h, post, comb)
-        y, post, comb = self.hc_ffn.pre(h)
-        return self.hc_ffn.post(self.ffn(self.ffn_norm(y), ids), h, post, comb)
+        x, post, comb = self.hc_ffn.pre(h, self.ffn_norm)
+        return self.hc_ffn.post_sum(*self.ffn.parts(x, ids), h, post, comb)
 
     def _steps(self, tokens: int):
         """(prologue, epilogue) for a call of `tokens` tokens: compiled for short calls (MTP verification)."""

@@ -26,6 +26,12 @@ from mlx_lm.models.switch_layers import QuantizedSwitchLinear
 LARGE_ROWS = 16
 
 
+def dequantized(layer: nn.Module, dtype: mx.Dtype) -> mx.array:
+    """A quantized layer's weight (or stack of weights) as dense `dtype` (exact for the MX formats)."""
+    return mx.dequantize(layer["weight"], layer["scales"], layer.get("biases"), group_size=layer.group_size,
+                         bits=layer.bits, mode=layer.mode, dtype=dtype)
+
+
 class QuantizedLinear(nn.QuantizedLinear):
     """`nn.QuantizedLinear` that takes the dense path on the CPU (MX modes) and where the back-end has
     no kernel for its shape (`dense_from_rows`: calls of at least that many rows; None: never)."""
@@ -33,8 +39,7 @@ class QuantizedLinear(nn.QuantizedLinear):
     dense_from_rows: int | None = None
 
     def dequantized(self, dtype: mx.Dtype) -> mx.array:
-        return mx.dequantize(self["weight"], self["scales"], self.get("biases"), group_size=self.group_size,
-                             bits=self.bits, mode=self.mode, dtype=dtype)
+        return dequantized(self, dtype)
 
     def __call__(self, x: mx.array) -> mx.array:
         if not self._dense(x):
@@ -56,8 +61,7 @@ class GatheredLinear(QuantizedSwitchLinear):
     dense: bool = False
 
     def dequantized(self, dtype: mx.Dtype) -> mx.array:
-        return mx.dequantize(self["weight"], self["scales"], self.get("biases"), group_size=self.group_size,
-                             bits=self.bits, mode=self.mode, dtype=dtype)
+        return dequantized(self, dtype)
 
     def __call__(self, x: mx.array, indices: mx.array, sorted_indices: bool = False) -> mx.array:
         if not self.dense:
