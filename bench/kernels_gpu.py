@@ -343,7 +343,7 @@ def numpy_hc_pre(x, fn, base, scale, hc, iters, hc_eps, norm_eps):
 def check_decode_kernels() -> None:
     """The decode-step kernels (rope_rows, decode_gemv, moe_route, swiglu, compressor_emit) against the
     model's reference ops, at Flash sizes; quantized outputs also by how many FP8 / FP4 codes agree."""
-    from dsv4_mlx.attention.rope import _pair_constants, rope_frequencies, rope_table
+    from dsv4_mlx.attention.rope import rope_frequencies, rope_table
 
     say("\n== decode-step kernels vs reference ==")
     freqs = rope_frequencies(64, 160000.0, FLASH["rope_scaling"])
@@ -442,14 +442,8 @@ def check_decode_kernels() -> None:
         n = first * ratio - start + count * ratio
         kv, gate_ = mx.random.normal((batch, n, width)), mx.random.normal((batch, n, width)) * 2
         weight = (1 + 0.2 * mx.random.normal((dims,))).astype(dtype)
-        got = Fp4EntryStore() if fp4 else Fp8EntryStore(64)
-        encoded = kernels.plan_compressor_emit(kv, gate_, first * ratio - start, first, count, ratio, overlap, weight,
-                                               1e-6, _pair_constants(freqs)[0], fp4, dtype).run()
-        got.append_encoded(*encoded[:2]) if fp4 else got.append_encoded(*encoded)
-        want = Fp4EntryStore() if fp4 else Fp8EntryStore(64)
-        table = rope_table(mx.arange(first, first + count) * ratio, freqs)
-        want.append(reference.compressor_entries(kv, gate_, start, first, count, ratio, overlap, weight, 1e-6, table,
-                                                 fp4, dtype))
+        got, want = dispatch.emitted_both_ways(kv, gate_, ratio, overlap, weight, freqs, fp4, dtype, start=start,
+                                               first=first, count=count)
         report(label + " (decoded)", got.dequantize(mx.float32), want.dequantize(mx.float32), 0.1 if least < 0.99 else 2e-2)
         for name in ("packed", "scales") if fp4 else ("codes", "scales", "rope"):
             a, b = (getattr(store, name)[:, :count] for store in (got, want))
@@ -468,12 +462,7 @@ def check_decode_kernels() -> None:
         kv, gate_ = mx.random.normal((batch, slots, width)), mx.random.normal((batch, slots, width)) * 2
         weight = (1 + 0.2 * mx.random.normal((dims,))).astype(dtype)
         pos = mx.array([(entry + 1) * ratio - 1], mx.int32)
-        got = Fp4EntryStore() if fp4 else Fp8EntryStore(64)
-        encoded = kernels.plan_compressor_emit(kv, gate_, 0, 0, 1, ratio, overlap, weight, 1e-6,
-                                               _pair_constants(freqs)[0], fp4, dtype, positions=pos).run()
-        got.append_encoded(*encoded[:2]) if fp4 else got.append_encoded(*encoded)
-        want = Fp4EntryStore() if fp4 else Fp8EntryStore(64)
-        want.append(reference.compressor_ring_entry(kv, gate_, pos, ratio, overlap, weight, 1e-6, freqs, fp4, dtype))
+        got, want = dispatch.emitted_both_ways(kv, gate_, ratio, overlap, weight, freqs, fp4, dtype, positions=pos)
         report(label + " (decoded)", got.dequantize(mx.float32), want.dequantize(mx.float32), 2e-2)
         for name in ("packed", "scales") if fp4 else ("codes", "scales", "rope"):
             a, b = (getattr(store, name)[:, :1] for store in (got, want))

@@ -407,10 +407,30 @@ def _check_swiglu() -> str:
     return "; ".join(p for p in problems if p)
 
 
-def _check_compressor_emit() -> str:
+def emitted_both_ways(kv: mx.array, gate: mx.array, ratio: int, overlap: bool, weight: mx.array, freqs: mx.array,
+                      fp4: bool, dtype: mx.Dtype, positions: mx.array | None = None, start: int = 0, first: int = 0,
+                      count: int = 1) -> tuple:
+    """(the store the `compressor_emit` kernel fills, the store the reference fills) from the same tokens:
+    with `positions`, the entry that token completes in the token ring kv / gate; otherwise entries
+    first .. + count - 1 of a token buffer whose row 0 is position `start`. For the self-check and bench."""
     from ..cache import Fp4EntryStore, Fp8EntryStore
     from .rope import _pair_constants, rope_table
 
+    got, want = (Fp4EntryStore() if fp4 else Fp8EntryStore(64) for _ in range(2))
+    encoded = _kernels.plan_compressor_emit(kv, gate, first * ratio - start, first, count, ratio, overlap, weight, 1e-6,
+                                            _pair_constants(freqs)[0], fp4, dtype, positions=positions).run()
+    got.append_encoded(*encoded[:2]) if fp4 else got.append_encoded(*encoded)
+    if positions is not None:
+        want.append(reference.compressor_ring_entry(kv, gate, positions, ratio, overlap, weight, 1e-6, freqs, fp4,
+                                                    dtype))
+    else:
+        table = rope_table(mx.arange(first, first + count) * ratio, freqs, remember=False)
+        want.append(reference.compressor_entries(kv, gate, start, first, count, ratio, overlap, weight, 1e-6, table,
+                                                 fp4, dtype))
+    return got, want
+
+
+def _check_compressor_emit() -> str:
     problems = []
     freqs = mx.array([1.0, 0.3, 0.1, 0.03, 0.01, 0.003, 0.001, 0.0003] * 4, mx.float32)
     for dims, ratio, overlap, fp4 in ((512, 4, True, False), (128, 4, True, True), (512, 128, False, False)):
@@ -419,26 +439,12 @@ def _check_compressor_emit() -> str:
         kv, gate = _normal((2, n, width)), _normal((2, n, width))
         dtype = mx.float32 if fp4 else mx.bfloat16  # (the Hadamard's rounding: see _check_rope_rows)
         weight = (1 + 0.1 * _normal((dims,))).astype(dtype)
-        for start, first, count in ((0, 0, 2), (8 * ratio, 9, 2)):
-            got = Fp4EntryStore() if fp4 else Fp8EntryStore(64)
-            encoded = _kernels.plan_compressor_emit(kv, gate, first * ratio - start, first, count, ratio, overlap,
-                                                    weight, 1e-6, _pair_constants(freqs)[0], fp4, dtype).run()
-            got.append_encoded(*encoded[:2]) if fp4 else got.append_encoded(*encoded)
-            want = Fp4EntryStore() if fp4 else Fp8EntryStore(64)
-            table = rope_table(mx.arange(first, first + count) * ratio, freqs)
-            want.append(reference.compressor_entries(kv, gate, start, first, count, ratio, overlap, weight, 1e-6,
-                                                     table, fp4, dtype))
-            problems.append(_close(got.dequantize(mx.float32), want.dequantize(mx.float32), 2e-2))
-        for entry in (0, 2, 4):  # ring mode: entry 4's block wraps past the ring's end
-            positions = mx.array([(entry + 1) * ratio - 1], mx.int32)
-            got = Fp4EntryStore() if fp4 else Fp8EntryStore(64)
-            encoded = _kernels.plan_compressor_emit(kv, gate, 0, 0, 1, ratio, overlap, weight, 1e-6,
-                                                    _pair_constants(freqs)[0], fp4, dtype, positions=positions).run()
-            got.append_encoded(*encoded[:2]) if fp4 else got.append_encoded(*encoded)
-            want = Fp4EntryStore() if fp4 else Fp8EntryStore(64)
-            want.append(reference.compressor_ring_entry(kv, gate, positions, ratio, overlap, weight, 1e-6, freqs, fp4,
-                                                        dtype))
-            problems.append(_close(got.dequantize(mx.float32), want.dequantize(mx.float32), 2e-2))
+        stores = [emitted_both_ways(kv, gate, ratio, overlap, weight, freqs, fp4, dtype, start=start, first=first,
+                                    count=count) for start, first, count in ((0, 0, 2), (8 * ratio, 9, 2))]
+        # ring mode: entry 4's block wraps past the ring's end
+        stores += [emitted_both_ways(kv, gate, ratio, overlap, weight, freqs, fp4, dtype,
+                                     positions=mx.array([(entry + 1) * ratio - 1], mx.int32)) for entry in (0, 2, 4)]
+        problems += [_close(got.dequantize(mx.float32), want.dequantize(mx.float32), 2e-2) for got, want in stores]
     return "; ".join(p for p in problems if p)
 
 
