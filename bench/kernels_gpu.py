@@ -161,6 +161,25 @@ def check_attention() -> None:
         tol = 1e-5 if dtype == mx.float32 else 8e-3
         say(f"  {label:34s} kernel rel {rel:.2e} max|err| {mx_abs:.2e} (tol {tol:g}); MLX reference rel {rel_ref:.2e}")
         expect(rel < tol, f"attention {label}: rel {rel:.2e}")
+        check_derotated_output(label, out, q, kv, wpos, given, sel, ratio, positions, sink, splits)
+
+
+def check_derotated_output(label: str, out: mx.array, q, kv, wpos, given, sel, ratio, positions, sink, splits) -> None:
+    """The model's form of the call: de-rotated (in the combine's dispatch when the keys are split) and
+    handed over in wo_a's 8 head groups. Must equal the reference de-rotation of the plain output, up to
+    the compiler contracting the rotation's products differently in the two kernels (a rare last-place
+    flip: 1e-8 relative in float32, 2e-6 in bf16 measured)."""
+    from dsv4_mlx.attention.rope import rope_frequencies, rope_table
+
+    B, S, H, D = q.shape
+    table = rope_table(positions, rope_frequencies(64, 10000.0), remember=False)
+    fused = kernels.sparse_attention(q, kv, wpos, 128, given, sel, ratio, positions, sink, D ** -0.5, splits=splits,
+                                     derotate=(table.cos, table.sin), out_shape=(B, S, 8, 1, H * D // 8))
+    want = reference.rope_rows(out, table, True).reshape(B, S, 8, 1, -1)
+    same = fused.shape == want.shape and mx.array_equal(fused, want).item()
+    rel = rel_err(fused.reshape(want.shape), want)[0]
+    say(f"  {'   de-rotated, in head groups':34s} vs the reference de-rotation: identical {same}, rel {rel:.2e}")
+    expect(rel < 1e-5, f"attention {label} de-rotated: rel {rel:.2e}")
 
 
 def numpy_attention(q, kv, wpos, window, entries, sel, ratio, positions, sink, scale) -> mx.array:
@@ -367,6 +386,9 @@ def check_decode_kernels() -> None:
                    reference.attention_query(q, table, 1e-6), tol)
             report(f"rope inverse S={s} {dtype}", kernels.rope_rows(q, table.cos, table.sin, 64, inverse=True),
                    reference.rope_rows(q, table, True), tol)
+            report(f"attention_query S={s} {dtype} from [B,S,H*d] (dispatch)",
+                   dispatch.attention_query(q.reshape(2, s, -1), table, 1e-6, heads=64),
+                   reference.attention_query(q, table, 1e-6), tol)
         kv = mx.random.normal((2, s, 512)).astype(bf16)
         w = (1 + 0.2 * mx.random.normal((512,))).astype(bf16)
         report(f"attention_kv S={s} (norm + rope + fp8)",
@@ -405,6 +427,8 @@ def check_decode_kernels() -> None:
     xh = mx.random.normal((2, 16384)).astype(bf16)
     fn = mx.random.normal((24, 16384)) * 0.01
     report("hc mixes (24 x 16384 float32)", kernels.decode_gemv(xh, fn)[0][:, 0], truth_gemv(xh, fn), 1e-5)
+    report("   from the streams [2,1,4,4096]", kernels.decode_gemv(xh.reshape(2, 1, 4, 4096), fn)[0][:, 0],
+           truth_gemv(xh, fn), 1e-5)
     wr = (mx.random.normal((256, 4096)) * 0.02).astype(bf16)
     report("router projection (256 x 4096)", kernels.decode_gemv(x, wr)[0][:, 0], truth_gemv(x, wr), 1e-5)
 
@@ -421,6 +445,11 @@ def check_decode_kernels() -> None:
     say(f"  {'moe_route (256 experts, top 6, 5 rows)':44s} sets {'equal' if same_sets else 'DIFFER'} to float64, "
         f"weights max rel {rel:.1e}")
     expect(same_sets and rel < 1e-5, "moe_route")
+    ids2, weights2 = kernels.plan_moe_route(mix.reshape(5, 1, 256), bias, 6, 1.5, (5, 1)).run()
+    same_shaped = ids2.shape == (5, 1, 6) and mx.array_equal(ids2.reshape(5, 6), ids).item() and \
+        mx.array_equal(weights2.reshape(5, 6), weights).item()
+    say(f"  moe_route from mix [5,1,256] into [5,1,6]: identical {same_shaped}")
+    expect(same_shaped, "moe_route with leading dims")
 
     gate = (mx.random.normal((1, 1, 6, 1, 2048)) * 6).astype(bf16)
     up = (mx.random.normal((1, 1, 6, 1, 2048)) * 6).astype(bf16)
@@ -708,6 +737,14 @@ def _fill_ring(ring, width: int, batch: int) -> None:
     ring.load([mx.random.normal((batch, ring.capacity, width)), mx.random.normal((batch, ring.capacity, width))])
 
 
+def per_token_arrays(block, cache: LayerCache, positions: mx.array) -> list[mx.array]:
+    """What a model step builds once for all its layers (the RoPE table, the window slot): a layer's
+    step, timed or counted alone, gets them ready-made as the first layer of a model step would."""
+    from dsv4_mlx.attention.rope import rope_table
+
+    return [*rope_table(positions, block.attn._freqs), cache.window.step_slot(positions)]
+
+
 def _cache_arrays(cache: LayerCache) -> list[mx.array]:
     """Every array the cache holds (whole capacity, no slicing: `state` would add slice nodes)."""
     out = []
@@ -780,9 +817,8 @@ def time_layers(contexts: list[int], out_dir: Path, simulated: bool = False, ste
     rest as MLX ops), and the reference (MLX ops everywhere). Steps 0, 3 and 7 are counted (3 and 7
     complete a ratio-4 block, and at a context that is a multiple of 1024 step 3 also grows the stores
     by 256 entries), steps 4 .. 19 are timed (every fourth completes a ratio-4 block). The
-    per-token RoPE table (5 nodes, built once per step and shared by all 43 layers) is built before each
-    step, as the first layer of a model step would have built it."""
-    from dsv4_mlx.attention.rope import rope_table
+    per-token arrays (the RoPE table and the window slot, built once per step and shared by all 43 layers)
+    are built before each step, as the first layer of a model step would have built them."""
 
     say("\n== a Flash layer, one decode step (B=1): graph nodes and time ==")
     dots = Path(tempfile.mkdtemp(prefix="dsv4_dots_"))  # graph dumps stay out of --out (few files come back)
@@ -805,7 +841,7 @@ def time_layers(contexts: list[int], out_dir: Path, simulated: bool = False, ste
                 nodes, times = {}, []
                 for i in range(max(4, steps)):
                     pos = mx.array([ctx + i], mx.int32)
-                    mx.eval(*rope_table(pos, block.attn._freqs))
+                    mx.eval(*per_token_arrays(block, cache, pos))
                     mx.synchronize()
                     t0 = time.perf_counter()
                     h = block(x, ids, pos, cache)
@@ -858,7 +894,6 @@ def time_pipeline(contexts: list[int], chain: int = 43) -> None:
     back to back, handed to the GPU every ASYNC_EVAL_EVERY steps, synchronised once; per step = total /
     chain. Against the same steps each built, evaluated and synchronised alone; with the block's pure
     step compiled (the default on a GPU) and eager. Also the CPU time to build a step's graph."""
-    from dsv4_mlx.attention.rope import rope_table
     from dsv4_mlx.model import deepseek_v4
 
     say(f"\n== a Flash layer's decode step in a {chain}-step chain (as in a model step), B=1 ==")
@@ -886,7 +921,7 @@ def time_pipeline(contexts: list[int], chain: int = 43) -> None:
                 for i in range(12):
                     pos = mx.array([offset], mx.int32)
                     offset += 1
-                    mx.eval(*rope_table(pos, block.attn._freqs))
+                    mx.eval(*per_token_arrays(block, cache, pos))
                     mx.synchronize()
                     t0 = time.perf_counter()
                     h = block(x, ids, pos, cache)
@@ -980,7 +1015,7 @@ def time_model(contexts: list[int], tokens: int = 24) -> None:
     for ctx in contexts:
         cache = caches(ctx)
         token = mx.array([[7]])
-        for _ in range(3):  # traces and warm-up
+        for _ in range(8):  # traces and warm-up (a ratio-4 block completes: its traces and kernels too)
             token = mx.argmax(model(token, cache)[:, -1], axis=-1)[:, None]
             mx.eval(token)
         for writes in (True, False):
@@ -1078,7 +1113,7 @@ def profile_layer_ops() -> None:
     builds, totals = [], []
     for i in range(16):
         pos = mx.array([4096 + i], mx.int32)
-        mx.eval(*rope_table(pos, block.attn._freqs))
+        mx.eval(*per_token_arrays(block, cache, pos))
         mx.synchronize()
         t0 = time.perf_counter()
         h = block(x, ids, pos, cache)

@@ -106,6 +106,47 @@ def run_chains(ratio: int, ctx: int, chains: int, ncu: bool = False) -> None:
               f"{(t2 - t1) / CHAIN * 1e6:.0f} us a step")
 
 
+def chained_steps(ratio: int, ctx: int):
+    """A Flash layer with a filled cache, warmed up (kernels checked and compiled, the step traced);
+    returns run(seconds) -> steps, which chains steps as a model step does for that long."""
+    import mlx.core as mx
+    from kernels_gpu import _cache_arrays, filled_cache, flash_block
+
+    from dsv4_mlx.model import deepseek_v4
+
+    layer_id = 4 if ratio == 4 else 3
+    args, block = flash_block(layer_id)
+    cache = filled_cache(args, layer_id, ctx)
+    x = mx.random.normal((1, 1, args.hc_mult, args.hidden_size)).astype(mx.bfloat16)
+    ids, offset = mx.array([[7]]), ctx
+
+    def run(seconds: float) -> int:
+        nonlocal offset
+        steps, t0 = 0, time.perf_counter()
+        while time.perf_counter() - t0 < seconds:
+            h = block(x, ids, mx.array([offset], mx.int32), cache)
+            offset, steps = offset + 1, steps + 1
+            if steps % deepseek_v4.ASYNC_EVAL_EVERY == 0:
+                mx.async_eval(h)
+            if steps % CHAIN == 0:
+                mx.eval(h, *_cache_arrays(cache))
+        mx.eval(h, *_cache_arrays(cache))
+        mx.synchronize()
+        return steps
+
+    run(2.0)
+    return run
+
+
+def run_for(ratio: int, ctx: int, seconds: float) -> None:
+    """Chained steps, nothing else, for `seconds` (after a warm-up): what a sampling profiler of the
+    host side attaches to."""
+    run = chained_steps(ratio, ctx)
+    t0 = time.perf_counter()
+    steps = run(seconds)
+    print(f"{steps} steps in {seconds:.0f} s: {(time.perf_counter() - t0) / steps * 1e3:.3f} ms a step")
+
+
 def _activities(db: sqlite3.Connection) -> list[tuple[int, int, str]]:
     tables = {r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type='table'")}
     rows = [(s, e, name) for s, e, name in db.execute(
@@ -174,6 +215,7 @@ def main() -> None:
     parser.add_argument("--ctx", type=int, default=4096)
     parser.add_argument("--chains", type=int, default=6)
     parser.add_argument("--ncu", action="store_true", help="mark the last chain for ncu --profile-from-start off")
+    parser.add_argument("--for", dest="seconds", type=float, help="only chained steps for this many seconds")
     parser.add_argument("--analyze", help="an Nsight Systems sqlite export to analyse instead")
     parser.add_argument("--analyze-ncu", help="an ncu --csv output to analyse instead")
     args = parser.parse_args()
@@ -181,6 +223,8 @@ def main() -> None:
         analyze(args.analyze)
     elif args.analyze_ncu:
         analyze_ncu(args.analyze_ncu)
+    elif args.seconds:
+        run_for(args.ratio, args.ctx, args.seconds)
     else:
         run_chains(args.ratio, args.ctx, args.chains, args.ncu)
 

@@ -32,7 +32,7 @@ KERNELS: dict[str, KernelInterface] = {
     "sparse_attention": KernelInterface(
         ("q", "wkv", "wpos", "codes", "scales", "rope", "sel", "positions", "sink", "scale", "meta"),
         ("out", "part", "ml")),
-    "attention_combine": KernelInterface(("part", "ml", "sink"), ("out",)),
+    "attention_combine": KernelInterface(("part", "ml", "sink", "cs", "sn"), ("out",)),
     "indexer_scores": KernelInterface(("q", "w", "packed", "kscales", "kdense", "positions", "meta"), ("scores",)),
     "topk_select": KernelInterface(("scores", "positions", "meta"), ("idx",)),
     "hc_pre": KernelInterface(("x", "fn", "base", "scale", "params", "mixes", "norm_w"), ("y", "post", "comb")),
@@ -62,8 +62,10 @@ def body(kernel: str) -> str:
     return read_source(f"{kernel}.metal")
 
 
+@functools.cache
 def backend() -> str | None:
-    """'metal' or 'cuda' when MLX has that GPU back-end here, else None."""
+    """'metal' or 'cuda' when MLX has that GPU back-end here, else None (asked once: a process's
+    back-ends do not change, and every layer of every decode step asks)."""
     if mx.metal.is_available():
         return "metal"
     cuda = getattr(mx, "cuda", None)

@@ -138,10 +138,15 @@ def attention_splits(groups: int, candidates: int, target: int | None = None) ->
     return max(1, min(wanted, candidates // ATTENTION_MIN_KEYS_PER_SPLIT))
 
 
-def plan_attention_combine(part: mx.array, ml: mx.array, sink: mx.array, out_shape: tuple, dtype: mx.Dtype) -> Launch:
+def plan_attention_combine(part: mx.array, ml: mx.array, sink: mx.array, out_shape: tuple, dtype: mx.Dtype,
+                           derotate: tuple[mx.array, mx.array] | None = None) -> Launch:
+    """`derotate` = the queries' RoPE table (cos, sin [S, rd]): the output comes de-rotated by it."""
     rows, splits, H, D = part.shape
-    template = [("T", dtype), ("D", D), ("H", H), ("SPLITS", splits)]
-    return Launch("attention_combine", [part, ml, sink.astype(mx.float32)], template,
+    rd = derotate[0].shape[-1] if derotate is not None else 0
+    template = [("T", dtype), ("D", D), ("H", H), ("SPLITS", splits), ("RD", rd)]
+    cs, sn = ((derotate[0].astype(mx.float32), derotate[1].astype(mx.float32)) if derotate is not None
+              else (_placeholder(mx.float32, 2), _placeholder(mx.float32, 2)))
+    return Launch("attention_combine", [part, ml, sink.astype(mx.float32), cs, sn], template,
                   grid=(D // 4 * H, rows, 1), threadgroup=(D // 4, 1, 1), output_shapes=[out_shape],
                   output_dtypes=[dtype])
 
@@ -150,14 +155,22 @@ def sparse_attention(q: mx.array, window_kv: mx.array, window_positions: mx.arra
                      selection: mx.array | None, ratio: int, positions: mx.array, sink: mx.array,
                      scale: float, splits: int | None = None, heads_per_group: int | None = None,
                      tile: int = ATTENTION_TILE,
-                     heads_per_simdgroup: int = ATTENTION_HEADS_PER_SIMDGROUP) -> mx.array:
-    """`reference.sparse_attention` on the GPU; `entries` may also be `Fp8Entries` (read in place)."""
+                     heads_per_simdgroup: int = ATTENTION_HEADS_PER_SIMDGROUP,
+                     derotate: tuple[mx.array, mx.array] | None = None,
+                     out_shape: tuple | None = None) -> mx.array:
+    """`reference.sparse_attention` on the GPU; `entries` may also be `Fp8Entries` (read in place).
+    `derotate` (cos, sin): the output de-rotated by the queries' RoPE table (in the combine's dispatch
+    when the keys are split, else by one rope_rows); `out_shape`: the output's shape (its elements in
+    the same order, e.g. the head groups wo_a takes)."""
     launch = plan_sparse_attention(q, window_kv, window_positions, window, entries, selection, ratio,
                                    positions, sink, scale, splits, heads_per_group, tile, heads_per_simdgroup)
     out, part, ml = launch.run()
-    if launch.grid[1] == 1:
-        return out
-    return plan_attention_combine(part, ml, sink, q.shape, q.dtype).run()[0]
+    out_shape = tuple(out_shape or q.shape)
+    if launch.grid[1] > 1:
+        return plan_attention_combine(part, ml, sink, out_shape, q.dtype, derotate).run()[0]
+    if derotate is not None:
+        return plan_rope_rows(out, *derotate, q.shape[2], inverse=True, out_shape=out_shape).run()[0]
+    return out.reshape(out_shape)
 
 
 _constants: dict[tuple, mx.array] = {}
@@ -197,12 +210,15 @@ def plan_indexer_scores(q: mx.array, weights: mx.array, keys, positions: mx.arra
                   output_dtypes=[mx.float32])
 
 
-def plan_topk(scores: mx.array, positions: mx.array, count: int, ratio: int, k_out: int) -> Launch:
-    """Ids [rows, k_out] of each row's k_out largest visible scores (-1 where fewer are visible)."""
+def plan_topk(scores: mx.array, positions: mx.array, count: int, ratio: int, k_out: int,
+              out_shape: tuple | None = None) -> Launch:
+    """Ids [rows, k_out] (or `out_shape`, the same elements) of each row's k_out largest visible scores
+    (-1 where fewer are visible)."""
     rows = scores.shape[0]
     template = [("NT", TOPK_THREADS), ("KOUT", k_out), ("RATIO", ratio)]
     return Launch("topk_select", [scores, positions.astype(mx.int32), _i32(count)], template,
-                  grid=(TOPK_THREADS, rows, 1), threadgroup=(TOPK_THREADS, 1, 1), output_shapes=[(rows, k_out)],
+                  grid=(TOPK_THREADS, rows, 1), threadgroup=(TOPK_THREADS, 1, 1),
+                  output_shapes=[out_shape or (rows, k_out)],
                   output_dtypes=[mx.int32])
 
 
@@ -217,7 +233,7 @@ def indexer_topk(q: mx.array, weights: mx.array, keys, positions: mx.array, rati
         s1 = min(S, s0 + chunk)
         pos = positions[s0:s1]
         scores = plan_indexer_scores(q[:, s0:s1], weights[:, s0:s1], keys, pos, ratio).run()[0]
-        picks.append(plan_topk(scores, pos, count, ratio, k_out).run()[0].reshape(B, s1 - s0, k_out))
+        picks.append(plan_topk(scores, pos, count, ratio, k_out, (B, s1 - s0, k_out)).run()[0])
     return mx.concatenate(picks, axis=1) if len(picks) > 1 else picks[0]
 
 
@@ -280,8 +296,11 @@ def hc_post(out: mx.array, x: mx.array, post: mx.array, comb: mx.array, extra: m
 
 # --- decode-step kernels: RoPE rows, small float32 GEMVs, MoE routing, SwiGLU ----------------------------
 
-def supports_rope_rows(x: mx.array, rope_dims: int, fp8: bool = False, fp4: bool = False) -> bool:
-    d = x.shape[-1]
+def supports_rope_rows(x: mx.array, rope_dims: int, fp8: bool = False, fp4: bool = False, d: int | None = None) -> bool:
+    """`d`: the row width when x's last axis holds several rows (heads side by side)."""
+    d = d or x.shape[-1]
+    if x.shape[-1] % d:
+        return False
     vpl = d // 32
     if d % 32 or vpl % 2 or rope_dims % vpl or (d - rope_dims) % vpl or rope_dims > d or x.size // d == 0:
         return False
@@ -294,10 +313,12 @@ def supports_rope_rows(x: mx.array, rope_dims: int, fp8: bool = False, fp4: bool
 
 def plan_rope_rows(x: mx.array, cos: mx.array, sin: mx.array, heads: int, norm: bool = False,
                    inverse: bool = False, fp8: bool = False, hadamard: bool = False, fp4: bool = False,
-                   eps: float = 0.0, hadamard_scale: float = 1.0, norm_weight: mx.array | None = None) -> Launch:
-    """x [B, S, heads, D] or [B, S, D] (heads = 1) with the [S, rd] RoPE table (see rope_rows.metal);
-    `norm_weight` [D] implies norm (an RMSNorm with its weight, as mx.fast.rms_norm)."""
-    d = x.shape[-1]
+                   eps: float = 0.0, hadamard_scale: float = 1.0, norm_weight: mx.array | None = None,
+                   out_shape: tuple | None = None) -> Launch:
+    """x [B, S, heads, D], [B, S, heads * D] or [B, S, D] (heads = 1) with the [S, rd] RoPE table (see
+    rope_rows.metal); `norm_weight` [D] implies norm (an RMSNorm with its weight, as mx.fast.rms_norm).
+    The output has `out_shape` (default x's; the elements are in the same order either way)."""
+    d = x.shape[-1] if x.ndim == 4 or heads == 1 else x.shape[-1] // heads
     rows = x.size // d
     groups = -(-rows // ROPE_ROWS_PER_GROUP)
     norm = norm or norm_weight is not None
@@ -308,7 +329,8 @@ def plan_rope_rows(x: mx.array, cos: mx.array, sin: mx.array, heads: int, norm: 
     inputs = [x, cos.astype(mx.float32), sin.astype(mx.float32), nw, _f32(eps, hadamard_scale),
               _i32(rows, cos.shape[0])]
     return Launch("rope_rows", inputs, template, grid=(32 * ROPE_ROWS_PER_GROUP * groups, 1, 1),
-                  threadgroup=(32 * ROPE_ROWS_PER_GROUP, 1, 1), output_shapes=[x.shape], output_dtypes=[x.dtype])
+                  threadgroup=(32 * ROPE_ROWS_PER_GROUP, 1, 1), output_shapes=[out_shape or x.shape],
+                  output_dtypes=[x.dtype])
 
 
 def rope_rows(x: mx.array, cos: mx.array, sin: mx.array, heads: int, **flags) -> mx.array:
@@ -326,7 +348,10 @@ def gemv_split(columns: int, k: int) -> int:
 
 
 def supports_gemv(x: mx.array, *weights: mx.array) -> bool:
-    k = x.shape[-1]
+    """K = the weights' width: x's last axis, or its last two (the hc streams side by side)."""
+    k = weights[0].shape[-1]
+    if x.shape[-1] != k and (x.ndim < 2 or x.shape[-1] * x.shape[-2] != k):
+        return False
     rows = x.size // k if k else 0
     return (0 < rows <= GEMV_MAX_ROWS and k % 256 == 0 and len({w.dtype for w in weights}) == 1
             and all(w.ndim == 2 and w.shape[1] == k for w in weights)
@@ -336,14 +361,16 @@ def supports_gemv(x: mx.array, *weights: mx.array) -> bool:
 def plan_decode_gemv(x: mx.array, wa: mx.array, wb: mx.array | None = None, add_b: mx.array | None = None,
                      ratio: int = 0, positions: mx.array | None = None, ring_a: mx.array | None = None,
                      ring_b: mx.array | None = None, scale: float = 1.0,
-                     out_dtype: mx.Dtype = mx.float32) -> Launch:
-    """x [M, K] (M token rows) against wa [NA, K] (and wb [NB, K]); see decode_gemv.metal.
+                     out_dtype: mx.Dtype = mx.float32, out_shape: tuple | None = None) -> Launch:
+    """x [..., K] (M = x.size / K token rows, K = wa's width) against wa [NA, K] (and wb [NB, K]); see
+    decode_gemv.metal.
 
     `add_b` [ratio, NB] adds its row positions[0] % ratio to b. With rings (float32 [M, slots, NA] /
     [M, slots, NB]) the outputs are the rings with slot positions[0] % slots replaced by the new row;
-    without, [M, 1, N].
+    without, [M, 1, N] (or a's `out_shape`, the same elements).
     """
-    m, k = x.shape
+    k = wa.shape[1]
+    m = x.size // k
     na, nb = wa.shape[0], 0 if wb is None else wb.shape[0]
     slots = ring_a.shape[1] if ring_a is not None else 0
     split = gemv_split(na + nb, k)
@@ -359,7 +386,7 @@ def plan_decode_gemv(x: mx.array, wa: mx.array, wb: mx.array | None = None, add_
               ring_a if slots else f32, ring_b if slots and nb else f32, position, _f32(scale)]
     return Launch("decode_gemv", inputs, template, grid=(32 * GEMV_WARPS * groups, 1, 1),
                   threadgroup=(32 * GEMV_WARPS, 1, 1),
-                  output_shapes=[(m, max(slots, 1), na), (m, max(slots, 1), nb) if nb else (1,)],
+                  output_shapes=[out_shape or (m, max(slots, 1), na), (m, max(slots, 1), nb) if nb else (1,)],
                   output_dtypes=[out_dtype, out_dtype])
 
 
@@ -372,11 +399,14 @@ def supports_moe_route(mix_columns: int, k: int) -> bool:
     return mix_columns % 32 == 0 and mix_columns <= 1024 and 0 < k <= mix_columns
 
 
-def plan_moe_route(mix: mx.array, bias: mx.array, k: int, route_scale: float) -> Launch:
-    """mix [rows, E] float32 (the router's x . W) -> ids [rows, k] uint32, weights [rows, k] float32."""
-    rows, e = mix.shape
+def plan_moe_route(mix: mx.array, bias: mx.array, k: int, route_scale: float, lead: tuple | None = None) -> Launch:
+    """mix [..., E] float32 (the router's x . W; rows = mix.size / E) -> ids [rows, k] uint32, weights
+    [rows, k] float32 (or [*lead, k] each)."""
+    e = bias.shape[0]
+    rows = mix.size // e
+    shape = (*lead, k) if lead is not None else (rows, k)
     return Launch("moe_route", [mix, bias.astype(mx.float32), _f32(route_scale)], [("E", e), ("K", k)],
-                  grid=(e * rows, 1, 1), threadgroup=(e, 1, 1), output_shapes=[(rows, k), (rows, k)],
+                  grid=(e * rows, 1, 1), threadgroup=(e, 1, 1), output_shapes=[shape, shape],
                   output_dtypes=[mx.uint32, mx.float32])
 
 

@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 
 from dsv4_mlx.attention import dispatch, reference
+from dsv4_mlx.attention.rope import rope_frequencies, rope_table
 from dsv4_mlx.cache import Fp4EntryStore, Fp8EntryStore
 from dsv4_mlx.model import ModelArgs
 from dsv4_mlx.model.deepseek_v4 import HyperConnection
@@ -103,6 +104,11 @@ def test_attention_through_the_fp8_store_matches_the_dequantized_reference(ratio
     got = dispatch.sparse_attention(*args, store, selection, ratio, positions, sink, d ** -0.5)
     want = reference.sparse_attention(*args, store.dequantize(q.dtype), selection, ratio, positions, sink, d ** -0.5)
     assert mx.array_equal(got, want)
+    # The model's form: de-rotated by the queries' table and handed over in wo_a's head groups.
+    table = rope_table(positions, rope_frequencies(rd, 10000.0), remember=False)
+    grouped = dispatch.sparse_attention(*args, store, selection, ratio, positions, sink, d ** -0.5, derotate=table,
+                                        out_shape=(batch, 1, 2, 1, heads * d // 2))
+    assert mx.array_equal(grouped, reference.rope_rows(want, table, True).reshape(batch, 1, 2, 1, -1))
     empty = Fp8EntryStore(rd)  # no entries yet: the window alone
     got = dispatch.sparse_attention(*args, empty, None, ratio, positions, sink, d ** -0.5)
     assert mx.array_equal(got, reference.sparse_attention(*args, None, None, ratio, positions, sink, d ** -0.5))
@@ -319,8 +325,6 @@ def test_window_slice_writes_equal_the_scatter(start, length):
 
 
 def test_decode_ops_run_their_reference_on_the_cpu():
-    from dsv4_mlx.attention.rope import rope_frequencies, rope_table
-
     table = rope_table(mx.array([3, 900], mx.int32), rope_frequencies(64, 10000.0))
     q = mx.random.normal((1, 2, 4, 128))
     w = mx.random.normal((128,))
@@ -328,6 +332,9 @@ def test_decode_ops_run_their_reference_on_the_cpu():
     assert mx.array_equal(dispatch.attention_kv(q[:, :, 0], table, w, 1e-6),
                           reference.attention_kv(q[:, :, 0], table, w, 1e-6))
     assert mx.array_equal(dispatch.indexer_query(q, table), reference.indexer_query(q, table))
+    flat = q.reshape(1, 2, -1)  # the projection as it comes, heads side by side
+    assert mx.array_equal(dispatch.attention_query(flat, table, 1e-6, heads=4), reference.attention_query(q, table, 1e-6))
+    assert mx.array_equal(dispatch.indexer_query(flat, table, heads=4), reference.indexer_query(q, table))
     assert mx.array_equal(dispatch.rope_rows(q, table, True), reference.rope_rows(q, table, True))
     x, weight = mx.random.normal((1, 2, 256)), mx.random.normal((16, 256))
     ids, weights = dispatch.moe_route(x, weight, mx.zeros((16,)), 4, 1.5)

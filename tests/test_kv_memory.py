@@ -6,7 +6,15 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from dsv4_mlx.cache import Fp4EntryStore, Fp8EntryStore, LayerCache, entry_bytes, index_key_bytes, kv_memory
+from dsv4_mlx.cache import (
+    Fp4EntryStore,
+    Fp8EntryStore,
+    LayerCache,
+    WindowRing,
+    entry_bytes,
+    index_key_bytes,
+    kv_memory,
+)
 from dsv4_mlx.model import ModelArgs
 from dsv4_mlx.model.presets import FLASH_CONFIG, PRO_SHAPED_CONFIG
 from dsv4_mlx.quant import fp4_round, fp8_round
@@ -95,3 +103,14 @@ def test_pro_shaped_config_builds_and_validates():
     block = Block(args, 0)  # lazily initialised: nothing is materialised
     assert block.attn.compressor.wkv.weight.shape == (512, 7168)
     assert "layers.60.ffn.experts.383.w2.weight" in expected_tensors(args)
+
+
+def test_window_slot_is_built_once_a_step_for_every_layer():
+    rings = [WindowRing(128, 16), WindowRing(128, 16)]
+    positions = mx.array([1000], mx.int32)
+    first = rings[0].step_slot(positions)
+    assert first.item() == 1000 % 144
+    assert rings[1].step_slot(positions) is first  # the next layer of the same step: no new graph node
+    later = rings[1].step_slot(mx.array([1000], mx.int32))  # the next step's positions: a new slot
+    assert later is not first and later.item() == first.item()
+    assert WindowRing(100, 0).step_slot(positions).item() == 0  # another capacity, its own slot

@@ -192,6 +192,9 @@ def _example_launches() -> list[tuple[str, build.Launch]]:
         ("attention window only", kernels.plan_sparse_attention(entries=None, selection=None, ratio=0, **attention)),
         ("attention combine", kernels.plan_attention_combine(mx.zeros((B, 4, H, D), mx.float32),
                                                              mx.zeros((B, 4, H, 2), mx.float32), sink, q.shape, bf16)),
+        ("attention combine de-rotating", kernels.plan_attention_combine(
+            mx.zeros((B, 4, H, D), mx.float32), mx.zeros((B, 4, H, 2), mx.float32), sink, (B, 1, 8, 1, H * D // 8),
+            bf16, derotate=(mx.zeros((1, rd)), mx.zeros((1, rd))))),
     ]
     qi, wi = mx.zeros((B, 1, 64, 128), bf16), mx.zeros((B, 1, 64), bf16)
     fp4 = kernels.Fp4Keys(mx.zeros((B, 1024, 64), u8), mx.zeros((B, 1024, 4), u8), 1000)
@@ -220,6 +223,8 @@ def _example_launches() -> list[tuple[str, build.Launch]]:
     kv_w = mx.zeros((D,), bf16)
     out += [
         ("rope rows query norm", kernels.plan_rope_rows(q, cos, sin, H, norm=True, eps=1e-6)),
+        ("rope rows query from the flat projection", kernels.plan_rope_rows(q.reshape(B, 1, -1), cos, sin, H, norm=True,
+                                                                         eps=1e-6, out_shape=q.shape)),
         ("rope rows kv fp8", kernels.plan_rope_rows(mx.zeros((B, 1, D), bf16), cos, sin, 1, fp8=True,
                                                     norm_weight=kv_w, eps=1e-6)),
         ("rope rows indexer hadamard fp4", kernels.plan_rope_rows(qi, cos, sin, 64, hadamard=True, fp4=True,

@@ -121,15 +121,26 @@ def _dense_keys(keys, dtype: mx.Dtype) -> mx.array:
 
 def sparse_attention(q: mx.array, window_kv: mx.array, window_positions: mx.array, window: int,
                      entries, selection: mx.array | None, ratio: int, positions: mx.array,
-                     sink: mx.array, scale: float) -> mx.array:
-    """See `reference.sparse_attention`; `entries` may also be the FP8 store."""
+                     sink: mx.array, scale: float, derotate: RopeTable | None = None,
+                     out_shape: tuple | None = None) -> mx.array:
+    """See `reference.sparse_attention`; `entries` may also be the FP8 store. With `derotate` (the
+    queries' RoPE table) the output comes de-rotated (`rope_rows(..., inverse=True)`; on the GPU inside
+    the dispatch that merges the key splits), in `out_shape` when given (the same elements)."""
     view = _fp8_view(entries)
     if kernels_enabled() and _kernels.supports_attention(q, view):
-        return _kernels.sparse_attention(q, window_kv, window_positions, window, view, selection, ratio,
-                                         positions, sink, scale)
-    dense = _dense_entries(view, q.dtype)
-    return reference.sparse_attention(q, window_kv, window_positions, window, dense,
-                                      selection if dense is not None else None, ratio, positions, sink, scale)
+        fused = derotate is not None and _use("rope_rows", _kernels.supports_rope_rows(q, derotate.cos.shape[-1]))
+        o = _kernels.sparse_attention(q, window_kv, window_positions, window, view, selection, ratio, positions,
+                                      sink, scale, derotate=tuple(derotate) if fused else None,
+                                      out_shape=out_shape if fused or derotate is None else None)
+        if derotate is None or fused:
+            return o
+    else:
+        dense = _dense_entries(view, q.dtype)
+        o = reference.sparse_attention(q, window_kv, window_positions, window, dense,
+                                       selection if dense is not None else None, ratio, positions, sink, scale)
+    if derotate is not None:
+        o = rope_rows(o, derotate, inverse=True)
+    return o.reshape(out_shape) if out_shape is not None else o
 
 
 def indexer_topk(q: mx.array, weights: mx.array, keys, positions: mx.array, ratio: int, topk: int) -> mx.array:
@@ -150,10 +161,9 @@ def hc_pre(x: mx.array, fn: mx.array, base: mx.array, scale: mx.array, hc: int, 
     With `norm_weight`, the sub-layer input comes out through its RMSNorm (`out_eps`): on the GPU the
     same dispatch normalises it."""
     if kernels_enabled() and _kernels.supports_hc(x):
-        flat = x.reshape(-1, x.shape[-2] * x.shape[-1])
         mixes = None
-        if _use("decode_gemv", _kernels.supports_gemv(flat, fn)):  # a decode step: one GEMV dispatch
-            mixes = _kernels.decode_gemv(flat, fn)[0].reshape(flat.shape[0], -1)
+        if _use("decode_gemv", _kernels.supports_gemv(x, fn)):  # a decode step: one GEMV dispatch
+            mixes = _kernels.decode_gemv(x, fn)[0]  # [rows, 1, mixes]: hc_pre reads it flat
         return _kernels.hc_pre(x, fn, base, scale, iters, hc_eps, norm_eps, mixes=mixes, norm_weight=norm_weight,
                                out_eps=out_eps)
     y, post, comb = reference.hc_pre(x, fn, base, scale, hc, iters, hc_eps, norm_eps)
@@ -206,11 +216,20 @@ def _use(name: str, supported: bool) -> bool:
     return supported and kernels_enabled() and kernel_ok(name)
 
 
-def attention_query(q: mx.array, table: RopeTable, eps: float) -> mx.array:
-    """See `reference.attention_query` (per-head RMS norm + RoPE): one dispatch on the GPU."""
-    if _use("rope_rows", _kernels.supports_rope_rows(q, table.cos.shape[-1])):
-        return _kernels.rope_rows(q, table.cos, table.sin, q.shape[-2], norm=True, eps=eps)
-    return reference.attention_query(q, table, eps)
+def _head_rows(q: mx.array, heads: int | None) -> tuple[int, int]:
+    """(heads, row width) of q [B,S,H,d], or of q [B,S,H*d] with `heads` (the projection as it comes:
+    the kernels take it without a reshape)."""
+    return (q.shape[-2], q.shape[-1]) if heads is None else (heads, q.shape[-1] // heads)
+
+
+def attention_query(q: mx.array, table: RopeTable, eps: float, heads: int | None = None) -> mx.array:
+    """See `reference.attention_query` (per-head RMS norm + RoPE): one dispatch on the GPU. q [B,S,H,d],
+    or [B,S,H*d] with `heads`; the result is [B,S,H,d]."""
+    heads, d = _head_rows(q, heads)
+    if _use("rope_rows", _kernels.supports_rope_rows(q, table.cos.shape[-1], d=d)):
+        return _kernels.rope_rows(q, table.cos, table.sin, heads, norm=True, eps=eps,
+                                  out_shape=(*q.shape[:2], heads, d))
+    return reference.attention_query(q.reshape(*q.shape[:2], heads, d), table, eps)
 
 
 def attention_kv(kv: mx.array, table: RopeTable, norm_weight: mx.array, eps: float) -> mx.array:
@@ -220,12 +239,13 @@ def attention_kv(kv: mx.array, table: RopeTable, norm_weight: mx.array, eps: flo
     return reference.attention_kv(kv, table, norm_weight, eps)
 
 
-def indexer_query(q: mx.array, table: RopeTable) -> mx.array:
-    """See `reference.indexer_query` (RoPE + Hadamard + FP4 rounding)."""
-    if _use("rope_rows", _kernels.supports_rope_rows(q, table.cos.shape[-1], fp4=True)):
-        return _kernels.rope_rows(q, table.cos, table.sin, q.shape[-2], hadamard=True, fp4=True,
-                                  hadamard_scale=1.0 / math.sqrt(q.shape[-1]))
-    return reference.indexer_query(q, table)
+def indexer_query(q: mx.array, table: RopeTable, heads: int | None = None) -> mx.array:
+    """See `reference.indexer_query` (RoPE + Hadamard + FP4 rounding); q as `attention_query` takes it."""
+    heads, d = _head_rows(q, heads)
+    if _use("rope_rows", _kernels.supports_rope_rows(q, table.cos.shape[-1], fp4=True, d=d)):
+        return _kernels.rope_rows(q, table.cos, table.sin, heads, hadamard=True, fp4=True,
+                                  hadamard_scale=1.0 / math.sqrt(d), out_shape=(*q.shape[:2], heads, d))
+    return reference.indexer_query(q.reshape(*q.shape[:2], heads, d), table)
 
 
 def rope_rows(x: mx.array, table: RopeTable, inverse: bool = False) -> mx.array:
@@ -238,8 +258,8 @@ def rope_rows(x: mx.array, table: RopeTable, inverse: bool = False) -> mx.array:
 def scaled_projection(x: mx.array, weight: mx.array, scale: float, dtype: mx.Dtype) -> mx.array:
     """See `reference.scaled_projection` ((x @ W.T in float32) * scale, in dtype)."""
     if _use("decode_gemv", _kernels.supports_gemv(x, weight)):
-        out = _kernels.decode_gemv(x.reshape(-1, x.shape[-1]), weight, scale=scale, out_dtype=dtype)[0]
-        return out.reshape(*x.shape[:-1], weight.shape[0])
+        return _kernels.decode_gemv(x, weight, scale=scale, out_dtype=dtype,
+                                    out_shape=(*x.shape[:-1], weight.shape[0]))[0]
     return reference.scaled_projection(x, weight, scale, dtype)
 
 
@@ -254,7 +274,7 @@ def compressor_ring_extend(x: mx.array, wkv: mx.array, wgate: mx.array, ape: mx.
     """See `reference.compressor_ring_extend`: one dispatch on the GPU (both projections, ape, the ring
     write)."""
     if _use("decode_gemv", _kernels.supports_gemv(x, wkv, wgate)):
-        return _kernels.decode_gemv(x.reshape(x.shape[0], -1), wkv, wgate, add_b=ape, ratio=ratio,
+        return _kernels.decode_gemv(x, wkv, wgate, add_b=ape, ratio=ratio,
                                     positions=positions, ring_a=ring_kv, ring_b=ring_gate)
     return reference.compressor_ring_extend(x, wkv, wgate, ape, positions, ratio, ring_kv, ring_gate)
 
@@ -312,17 +332,16 @@ def moe_route(x: mx.array, weight: mx.array, bias: mx.array, k: int, route_scale
     """See `reference.moe_route`: a GEMV and one routing dispatch on the GPU."""
     if (_use("decode_gemv", _kernels.supports_gemv(x, weight))
             and _use("moe_route", _kernels.supports_moe_route(weight.shape[0], k))):
-        mix = _kernels.decode_gemv(x.reshape(-1, x.shape[-1]), weight)[0]
-        ids, weights = _kernels.plan_moe_route(mix.reshape(-1, weight.shape[0]), bias, k, route_scale).run()
-        return ids.reshape(*x.shape[:-1], k), weights.reshape(*x.shape[:-1], k)
+        mix = _kernels.decode_gemv(x, weight)[0]
+        ids, weights = _kernels.plan_moe_route(mix, bias, k, route_scale, x.shape[:-1]).run()
+        return ids, weights
     return reference.moe_route(x, weight, bias, k, route_scale)
 
 
 def swiglu(gate: mx.array, up: mx.array, weights: mx.array | None, limit: float, dtype: mx.Dtype) -> mx.array:
     """See `reference.swiglu`."""
     if _use("swiglu", _kernels.supports_swiglu(gate)):
-        w = None if weights is None else weights.reshape(-1)
-        return _kernels.plan_swiglu(gate, up, w, limit, dtype).run()[0]
+        return _kernels.plan_swiglu(gate, up, weights, limit, dtype).run()[0]  # weights read flat, one a row
     return reference.swiglu(gate, up, weights, limit, dtype)
 
 

@@ -88,6 +88,9 @@ class Fp4Arrays:
         return self.packed.shape[1]
 
 
+_last_slots: dict[int, tuple[mx.array, mx.array]] = {}  # capacity -> (positions, slot): see step_slot
+
+
 class WindowRing:
     """The sliding-window keys (= values) in a ring buffer, with each slot's absolute position."""
 
@@ -131,6 +134,16 @@ class WindowRing:
             whole = lo == 0 and hi == S
             self.kv[:, at:at + hi - lo] = kv_new if whole else kv_new[:, lo:hi]
             self.positions[at:at + hi - lo] = positions if whole else positions[lo:hi]
+
+    def step_slot(self, positions: mx.array) -> mx.array:
+        """The slot a decode step's token takes, positions % capacity, as an array (a compiled step
+        reads it on the GPU). Remembered with its positions array: every layer of a model step gets the
+        same positions object and rings of the same capacity, so it is one graph node a step, not one a
+        layer."""
+        hit = _last_slots.get(self.capacity)
+        if hit is None or hit[0] is not positions:
+            hit = _last_slots[self.capacity] = (positions, positions % self.capacity)
+        return hit[1]
 
     def forget_from(self, position: int) -> None:
         self.positions = mx.where(self.positions >= position, -1, self.positions)

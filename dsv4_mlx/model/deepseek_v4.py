@@ -43,13 +43,16 @@ ASYNC_EVAL_EVERY = 4
 EVALUATE_CACHE_WRITES = True
 
 
-def compiled_steps(tokens: int) -> bool:
+def compiled_steps(tokens: int, kernels: bool | None = None) -> bool:
     """Whether a call of `tokens` tokens runs compiled steps: by default where the GPU kernels run
-    (the decode path they serve); DSV4_COMPILE=1 / 0 forces it on (CPU included) or off."""
+    (the decode path they serve; `kernels`: whether they do, when the caller knows); DSV4_COMPILE=1 / 0
+    forces it on (CPU included) or off."""
     if tokens > COMPILED_MAX_TOKENS:
         return False
     setting = os.environ.get("DSV4_COMPILE", "")
-    return setting not in ("", "0") if setting else ops.kernels_enabled()
+    if setting:
+        return setting != "0"
+    return ops.kernels_enabled() if kernels is None else kernels
 
 
 def fp8_linear(in_dims: int, out_dims: int) -> QuantizedLinear:
@@ -183,8 +186,7 @@ class Indexer(nn.Module):
 
     def query(self, x: mx.array, qr: mx.array, table: RopeTable) -> tuple[mx.array, mx.array]:
         """(FP4-rounded query [B,S,heads,dims], head weights [B,S,heads]): pure, before the cache."""
-        B, S, _ = x.shape
-        q = ops.indexer_query(self.wq_b(qr).reshape(B, S, self.heads, self.dims), table)
+        q = ops.indexer_query(self.wq_b(qr), table, heads=self.heads)
         weights = ops.scaled_projection(x, self.weights_proj.weight, self.dims ** -0.5 * self.heads ** -0.5, q.dtype)
         return q, weights
 
@@ -205,19 +207,28 @@ class Indexer(nn.Module):
         return ops.indexer_topk(q, weights, Fp4Arrays(*keys), positions, 4, self.topk), ring, keys
 
 
-_batch_ids: dict[tuple[int, ...], mx.array] = {}
+_index_constants: dict[tuple, mx.array] = {}
+
+
+def index_constant(values: mx.array, shape: tuple[int, ...], key: tuple) -> mx.array:
+    """`values` broadcast to `shape`, as an evaluated contiguous array (a leaf, not a graph node); kept
+    under `key` for decode-sized shapes."""
+    found = _index_constants.get(key)
+    if found is None:
+        found = mx.contiguous(mx.broadcast_to(values, shape))
+        mx.eval(found)
+        if math.prod(shape) <= 4096:
+            _index_constants[key] = found
+    return found
 
 
 def gathered_matmul(linear: GatheredLinear, x: mx.array, indices: mx.array) -> mx.array:
-    """`linear(x, indices)` (unsorted), with x's batch indices passed as a constant: MLX would otherwise
-    build them with an arange every call (one more dispatch for each routed projection)."""
+    """`linear(x, indices)` (unsorted), with x's batch indices passed as a constant already at the
+    indices' shape: MLX would otherwise build them with an arange, and broadcast them, every call (two
+    more graph nodes for each routed projection)."""
     batch = x.shape[:-2]
-    lhs = _batch_ids.get(batch)
-    if lhs is None:
-        lhs = mx.arange(math.prod(batch), dtype=mx.uint32).reshape(batch)
-        if math.prod(batch) <= 4096:  # decode-sized batches: keep the constant
-            mx.eval(lhs)
-            _batch_ids[batch] = lhs
+    shape = mx.broadcast_shapes(batch, indices.shape)
+    lhs = index_constant(mx.arange(math.prod(batch), dtype=mx.uint32).reshape(batch), shape, ("lhs", batch, shape))
     return linear.gathered(x, indices, lhs)
 
 
@@ -233,9 +244,10 @@ class GroupedOutput(nn.Module):
         mx.eval(self._group_ids)
 
     def __call__(self, o: mx.array) -> mx.array:
-        """o [B,S,groups,in] -> [B,S,groups*rank]."""
-        out = gathered_matmul(self.proj, o[..., None, :], self._group_ids)
-        return out.reshape(*o.shape[:-2], -1)
+        """o [B,S,groups,1,in] (the attention hands it over in that shape) -> [B,S,groups*rank]."""
+        ids = index_constant(self._group_ids, o.shape[:-2], ("groups", self.groups, o.shape[:-2]))
+        out = gathered_matmul(self.proj, o, ids)
+        return out.reshape(*o.shape[:-3], -1)
 
 
 class Attention(nn.Module):
@@ -266,15 +278,15 @@ class Attention(nn.Module):
     def project(self, x: mx.array, table: RopeTable) -> tuple[mx.array, mx.array, tuple]:
         """(q [B,S,H,d] normed and rotated, kv [B,S,d] normed, rotated and FP8-rounded, the indexer's
         (query, weights) or ()): everything before the cache is touched, so pure."""
-        B, S, _ = x.shape
         qr = self.q_norm(self.wq_a(x))
-        q = ops.attention_query(self.wq_b(qr).reshape(B, S, self.heads, self.head_dim), table, self.eps)
+        q = ops.attention_query(self.wq_b(qr), table, self.eps, heads=self.heads)
         kv = ops.attention_kv(self.wkv(x), table, self.kv_norm.weight, self.kv_norm.eps)
         return q, kv, (self.indexer.query(x, qr, table) if self.ratio == 4 else ())
 
     def attend(self, x: mx.array, q: mx.array, kv: mx.array, index: tuple, positions: mx.array,
-               cache: LayerCache) -> mx.array:
-        """Several tokens (prefill): attend, storing them in the cache. o [B,S,H,d], still rotated."""
+               cache: LayerCache, table: RopeTable) -> mx.array:
+        """Several tokens (prefill): attend, storing them in the cache. o de-rotated, in wo_a's head
+        groups ([B,S,groups,1,H*d/groups])."""
         S = x.shape[1]
         # Queries need keys this call overwrites in the ring: attend over the old ring + the new keys.
         window_kv, window_positions = cache.window.keys_with(kv, positions)
@@ -287,19 +299,26 @@ class Attention(nn.Module):
             if self.ratio == 4:  # always run: its compressor must see every token
                 selection = self.indexer.select(x, *index, positions, cache)
         cache.offset += S
-        return ops.sparse_attention(q, window_kv, window_positions, self.window, entries, selection, self.ratio,
-                                    positions, self.attn_sink, self.head_dim ** -0.5)
+        return self._attention(q, window_kv, window_positions, entries, selection, positions, table)
 
-    def attend_step(self, x: mx.array, q: mx.array, kv: mx.array, index: tuple, positions: mx.array,
-                    arrays: list[mx.array], emits: bool) -> tuple[mx.array, list[mx.array]]:
-        """One token (decode) on the cache's arrays (`LayerCache.step_arrays`): (o, the arrays written).
+    def _attention(self, q: mx.array, window_kv: mx.array, window_positions: mx.array, entries, selection,
+                   positions: mx.array, table: RopeTable) -> mx.array:
+        B, S, H, d = q.shape
+        groups = self.wo_a.groups
+        return ops.sparse_attention(q, window_kv, window_positions, self.window, entries, selection, self.ratio,
+                                    positions, self.attn_sink, self.head_dim ** -0.5, derotate=table,
+                                    out_shape=(B, S, groups, 1, H * d // groups))
+
+    def attend_step(self, x: mx.array, q: mx.array, kv: mx.array, index: tuple, positions: mx.array, slot: mx.array,
+                    table: RopeTable, arrays: list[mx.array], emits: bool) -> tuple[mx.array, list[mx.array]]:
+        """One token (decode) on the cache's arrays (`LayerCache.step_arrays`): (o as `attend` gives it,
+        the arrays written).
 
         Every shape is fixed and every index comes from `positions` inside the graph, so a compiled
         step replays at any position. The token is written first: the slot it takes held position
         p - capacity, which the window (p - window, p] no longer sees. The stores are read whole:
         visibility (entries j < (p + 1) / ratio) comes from the position, never from a count."""
-        window_kv, window_positions, *rest = arrays
-        slot = positions % window_kv.shape[1]
+        window_kv, window_positions, *rest = arrays  # the token goes to `slot` (WindowRing.step_slot)
         window_kv = mx.slice_update(window_kv, kv, slot, axes=(1,))
         window_positions = mx.slice_update(window_positions, positions, slot, axes=(0,))
         written = [window_kv, window_positions]
@@ -312,8 +331,7 @@ class Attention(nn.Module):
             if self.ratio == 4:
                 selection, ring, keys = self.indexer.select_step(x, *index, positions, rest[2:4], rest[:2], emits)
                 written += [*keys, *ring]
-        o = ops.sparse_attention(q, window_kv, window_positions, self.window, entries, selection, self.ratio,
-                                 positions, self.attn_sink, self.head_dim ** -0.5)
+        o = self._attention(q, window_kv, window_positions, entries, selection, positions, table)
         return o, written
 
     def prepare_step(self, cache: LayerCache, batch: int, dtype: mx.Dtype) -> None:
@@ -328,11 +346,9 @@ class Attention(nn.Module):
             cache.index_buffer.ensure(batch, self.indexer.compressor.width)
             cache.index_keys.reserve(cache.index_keys.count + 1, batch, self.indexer.dims)
 
-    def output(self, o: mx.array, table: RopeTable) -> mx.array:
-        """o de-rotated, through the grouped low-rank output projection: [B,S,D]."""
-        B, S = o.shape[:2]
-        o = self.wo_a(ops.rope_rows(o, table, inverse=True).reshape(B, S, self.wo_a.groups, -1))
-        return self.wo_b(o)
+    def output(self, o: mx.array) -> mx.array:
+        """o (as `attend` gives it) through the grouped low-rank output projection: [B,S,D]."""
+        return self.wo_b(self.wo_a(o))
 
 
 class SharedExpert(nn.Module):
@@ -451,24 +467,27 @@ class Block(nn.Module):
             return self._decode(h, ids, positions, table, cache)
         prologue, epilogue = self._steps(h.shape[1])
         x, q, kv, index, post, comb = prologue(h, table.cos, table.sin)
-        o = self.attn.attend(x, q, kv, index, positions, cache)
-        return epilogue(o, h, post, comb, table.cos, table.sin, ids)
+        o = self.attn.attend(x, q, kv, index, positions, cache, table)
+        return epilogue(o, h, post, comb, ids)
 
-    def step(self, h: mx.array, ids: mx.array, positions: mx.array, cos: mx.array, sin: mx.array,
+    def step(self, h: mx.array, ids: mx.array, positions: mx.array, slot: mx.array, cos: mx.array, sin: mx.array,
              arrays: list[mx.array], emits: bool) -> tuple[mx.array, list[mx.array]]:
-        """One decode step over the layer cache's arrays (`LayerCache.step_arrays`): (output, arrays
-        written). Pure and fixed-shape: a GPU runs it compiled, one trace per layer and kind of step."""
+        """One decode step over the layer cache's arrays (`LayerCache.step_arrays`; the token's window
+        slot `WindowRing.step_slot`): (output, arrays written). Pure and fixed-shape: a GPU runs it
+        compiled, one trace per layer and kind of step."""
         x, q, kv, index, post, comb = self.prologue(h, cos, sin)
-        o, arrays = self.attn.attend_step(x, q, kv, index, positions, arrays, emits)
-        return self.epilogue(o, h, post, comb, cos, sin, ids), arrays
+        o, arrays = self.attn.attend_step(x, q, kv, index, positions, slot, RopeTable(cos, sin), arrays, emits)
+        return self.epilogue(o, h, post, comb, ids), arrays
 
     def _decode(self, h: mx.array, ids: mx.array, positions: mx.array, table: RopeTable,
                 cache: LayerCache) -> mx.array:
         ratio = self.attn.ratio
         emits = bool(ratio) and (cache.offset + 1) % ratio == 0  # this token completes a block
         self.attn.prepare_step(cache, h.shape[0], h.dtype)
-        step = self._compiled_step() if compiled_steps(1) else self.step
-        out, arrays = step(h, ids, positions, table.cos, table.sin, cache.step_arrays(), emits)
+        mode = ops.dispatch_mode()  # asked once a layer step (it is on every layer's path)
+        step = self._compiled("step", lambda: mx.compile(self.step), mode) if compiled_steps(1, mode[0]) else self.step
+        out, arrays = step(h, ids, positions, cache.window.step_slot(positions), table.cos, table.sin,
+                           cache.step_arrays(), emits)
         cache.finish_step(arrays, emits)
         return out
 
@@ -477,10 +496,9 @@ class Block(nn.Module):
         x, post, comb = self.hc_attn.pre(h, self.attn_norm)
         return (x, *self.attn.project(x, RopeTable(cos, sin)), post, comb)
 
-    def epilogue(self, o: mx.array, h: mx.array, post: mx.array, comb: mx.array, cos: mx.array, sin: mx.array,
-                 ids: mx.array) -> mx.array:
+    def epilogue(self, o: mx.array, h: mx.array, post: mx.array, comb: mx.array, ids: mx.array) -> mx.array:
         """The attention's output and hc post-mix, then the MoE between its own hc mixes."""
-        h = self.hc_attn.post(self.attn.output(o, RopeTable(cos, sin)), h, post, comb)
+        h = self.hc_attn.post(self.attn.output(o), h, post, comb)
         x, post, comb = self.hc_ffn.pre(h, self.ffn_norm)
         return self.hc_ffn.post_sum(*self.ffn.parts(x, ids), h, post, comb)
 
@@ -490,11 +508,9 @@ class Block(nn.Module):
             return self.prologue, self.epilogue
         return self._compiled("steps", lambda: (mx.compile(self.prologue), mx.compile(self.epilogue)))
 
-    def _compiled_step(self):
-        return self._compiled("step", lambda: mx.compile(self.step))
-
-    def _compiled(self, what: str, make):
-        key = (what, ops.dispatch_mode())  # a trace bakes in which ops run as kernels
+    def _compiled(self, what: str, make, mode: tuple | None = None):
+        """The compiled functions `make()` builds, kept per dispatch mode (`mode` when the caller has it)."""
+        key = (what, mode or ops.dispatch_mode())  # a trace bakes in which ops run as kernels
         found = self._compiled_fns.get(key)
         if found is None:
             ops.prepare_kernels()  # self-checks evaluate arrays: never inside a trace
