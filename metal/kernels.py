@@ -314,11 +314,11 @@ def supports_rope_rows(x: mx.array, rope_dims: int, fp8: bool = False, fp4: bool
 def plan_rope_rows(x: mx.array, cos: mx.array, sin: mx.array, heads: int, norm: bool = False,
                    inverse: bool = False, fp8: bool = False, hadamard: bool = False, fp4: bool = False,
                    eps: float = 0.0, hadamard_scale: float = 1.0, norm_weight: mx.array | None = None,
-                   out_shape: tuple | None = None) -> Launch:
-    """x [B, S, heads, D], [B, S, heads * D] or [B, S, D] (heads = 1) with the [S, rd] RoPE table (see
-    rope_rows.metal); `norm_weight` [D] implies norm (an RMSNorm with its weight, as mx.fast.rms_norm).
-    The output has `out_shape` (default x's; the elements are in the same order either way)."""
-    d = x.shape[-1] if x.ndim == 4 or heads == 1 else x.shape[-1] // heads
+                   out_shape: tuple | None = None, d: int | None = None) -> Launch:
+    """x [B, S, heads, D] or [B, S, D] (heads = 1), or with `d` = D [B, S, heads * D] (heads side by side),
+    with the [S, rd] RoPE table (see rope_rows.metal); `norm_weight` [D] implies norm (an RMSNorm with its
+    weight, as mx.fast.rms_norm). The output has `out_shape` (default x's; the same elements in order)."""
+    d = d or x.shape[-1]
     rows = x.size // d
     groups = -(-rows // ROPE_ROWS_PER_GROUP)
     norm = norm or norm_weight is not None

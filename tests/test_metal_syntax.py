@@ -224,7 +224,7 @@ def _example_launches() -> list[tuple[str, build.Launch]]:
     out += [
         ("rope rows query norm", kernels.plan_rope_rows(q, cos, sin, H, norm=True, eps=1e-6)),
         ("rope rows query from the flat projection", kernels.plan_rope_rows(q.reshape(B, 1, -1), cos, sin, H, norm=True,
-                                                                         eps=1e-6, out_shape=q.shape)),
+                                                                         eps=1e-6, out_shape=q.shape, d=D)),
         ("rope rows kv fp8", kernels.plan_rope_rows(mx.zeros((B, 1, D), bf16), cos, sin, 1, fp8=True,
                                                     norm_weight=kv_w, eps=1e-6)),
         ("rope rows indexer hadamard fp4", kernels.plan_rope_rows(qi, cos, sin, 64, hadamard=True, fp4=True,

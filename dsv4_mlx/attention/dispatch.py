@@ -128,12 +128,12 @@ def sparse_attention(q: mx.array, window_kv: mx.array, window_positions: mx.arra
     the dispatch that merges the key splits), in `out_shape` when given (the same elements)."""
     view = _fp8_view(entries)
     if kernels_enabled() and _kernels.supports_attention(q, view):
-        fused = derotate is not None and _use("rope_rows", _kernels.supports_rope_rows(q, derotate.cos.shape[-1]))
+        if derotate is None or _use("rope_rows", _kernels.supports_rope_rows(q, derotate.cos.shape[-1])):
+            return _kernels.sparse_attention(q, window_kv, window_positions, window, view, selection, ratio,
+                                             positions, sink, scale, out_shape=out_shape,
+                                             derotate=None if derotate is None else tuple(derotate))
         o = _kernels.sparse_attention(q, window_kv, window_positions, window, view, selection, ratio, positions,
-                                      sink, scale, derotate=tuple(derotate) if fused else None,
-                                      out_shape=out_shape if fused or derotate is None else None)
-        if derotate is None or fused:
-            return o
+                                      sink, scale)  # de-rotated below, as the reference's output
     else:
         dense = _dense_entries(view, q.dtype)
         o = reference.sparse_attention(q, window_kv, window_positions, window, dense,
@@ -227,7 +227,7 @@ def attention_query(q: mx.array, table: RopeTable, eps: float, heads: int | None
     or [B,S,H*d] with `heads`; the result is [B,S,H,d]."""
     heads, d = _head_rows(q, heads)
     if _use("rope_rows", _kernels.supports_rope_rows(q, table.cos.shape[-1], d=d)):
-        return _kernels.rope_rows(q, table.cos, table.sin, heads, norm=True, eps=eps,
+        return _kernels.rope_rows(q, table.cos, table.sin, heads, norm=True, eps=eps, d=d,
                                   out_shape=(*q.shape[:2], heads, d))
     return reference.attention_query(q.reshape(*q.shape[:2], heads, d), table, eps)
 
@@ -244,7 +244,7 @@ def indexer_query(q: mx.array, table: RopeTable, heads: int | None = None) -> mx
     heads, d = _head_rows(q, heads)
     if _use("rope_rows", _kernels.supports_rope_rows(q, table.cos.shape[-1], fp4=True, d=d)):
         return _kernels.rope_rows(q, table.cos, table.sin, heads, hadamard=True, fp4=True,
-                                  hadamard_scale=1.0 / math.sqrt(d), out_shape=(*q.shape[:2], heads, d))
+                                  hadamard_scale=1.0 / math.sqrt(d), d=d, out_shape=(*q.shape[:2], heads, d))
     return reference.indexer_query(q.reshape(*q.shape[:2], heads, d), table)
 
 
