@@ -334,7 +334,7 @@ def moe_route(x: mx.array, weight: mx.array, bias: mx.array, k: int, route_scale
             and _use("moe_route", _kernels.supports_moe_route(weight.shape[0], k))):
         mix = _kernels.decode_gemv(x, weight)[0]
         ids, weights = _kernels.plan_moe_route(mix, bias, k, route_scale, x.shape[:-1]).run()
-        return ids, weights
+        return ids, weights  # [B,S,k] each
     return reference.moe_route(x, weight, bias, k, route_scale)
 
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 import math
 import os
 import re
+from collections.abc import Callable
 
 import mlx.core as mx
 from mlx import nn
@@ -210,12 +211,12 @@ class Indexer(nn.Module):
 _index_constants: dict[tuple, mx.array] = {}
 
 
-def index_constant(values: mx.array, shape: tuple[int, ...], key: tuple) -> mx.array:
-    """`values` broadcast to `shape`, as an evaluated contiguous array (a leaf, not a graph node); kept
-    under `key` for decode-sized shapes."""
+def index_constant(values: Callable[[], mx.array], shape: tuple[int, ...], key: tuple) -> mx.array:
+    """`values()` broadcast to `shape`, as an evaluated contiguous array (a leaf, not a graph node); kept
+    under `key` for decode-sized shapes (`values` is only called when the key is new)."""
     found = _index_constants.get(key)
     if found is None:
-        found = mx.contiguous(mx.broadcast_to(values, shape))
+        found = mx.contiguous(mx.broadcast_to(values(), shape))
         mx.eval(found)
         if math.prod(shape) <= 4096:
             _index_constants[key] = found
@@ -228,7 +229,8 @@ def gathered_matmul(linear: GatheredLinear, x: mx.array, indices: mx.array) -> m
     more graph nodes for each routed projection)."""
     batch = x.shape[:-2]
     shape = mx.broadcast_shapes(batch, indices.shape)
-    lhs = index_constant(mx.arange(math.prod(batch), dtype=mx.uint32).reshape(batch), shape, ("lhs", batch, shape))
+    lhs = index_constant(lambda: mx.arange(math.prod(batch), dtype=mx.uint32).reshape(batch), shape,
+                         ("lhs", batch, shape))
     return linear.gathered(x, indices, lhs)
 
 
@@ -245,7 +247,7 @@ class GroupedOutput(nn.Module):
 
     def __call__(self, o: mx.array) -> mx.array:
         """o [B,S,groups,1,in] (the attention hands it over in that shape) -> [B,S,groups*rank]."""
-        ids = index_constant(self._group_ids, o.shape[:-2], ("groups", self.groups, o.shape[:-2]))
+        ids = index_constant(lambda: self._group_ids, o.shape[:-2], ("groups", self.groups, o.shape[:-2]))
         out = gathered_matmul(self.proj, o, ids)
         return out.reshape(*o.shape[:-3], -1)
 
