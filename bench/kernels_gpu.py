@@ -20,7 +20,8 @@ Sections:
   own selection and with the indexer's selection pinned to the reference's.
 - ops: where a ratio-4 layer's decode step goes: graph building vs the rest, and each of its operations
   alone (CPU build time, synced call, 20 calls in flight).
-- pipeline: a layer's decode step chained 43 times as in a model step (compiled and eager), and alone.
+- pipeline: a layer's decode step 43 times to a token as in a model step (43 caches, the model's loop),
+  compiled and eager; alone; and 43 consecutive tokens through one cache.
 - model: a 43-layer Flash-sized model (random weights, shared experts): ms a token, graph nodes a token,
   and kernels vs reference (as model-compare).
 - model-compare: kernels vs reference on that model from identical caches, layer by layer.
@@ -889,65 +890,96 @@ def _set_compile(flag: bool) -> None:
     os.environ["DSV4_COMPILE"] = "1" if flag else "0"
 
 
-def time_pipeline(contexts: list[int], chain: int = 43) -> None:
-    """A layer's decode step as a model runs it: `chain` steps (one per layer of a 43-layer model) built
-    back to back, handed to the GPU every ASYNC_EVAL_EVERY steps, synchronised once; per step = total /
-    chain. Against the same steps each built, evaluated and synchronised alone; with the block's pure
-    step compiled (the default on a GPU) and eager. Also the CPU time to build a step's graph."""
-    from dsv4_mlx.model import deepseek_v4
-
-    say(f"\n== a Flash layer's decode step in a {chain}-step chain (as in a model step), B=1 ==")
+def time_pipeline(contexts: list[int], chain: int = 43, tokens: int = 8) -> None:
+    """A layer's decode step as a model step runs it: one token through `chain` steps of the layer, each
+    with its own cache as each of a model's 43 layers has, by the model's own loop (`run_blocks`: the
+    token's RoPE table and window slot built once for all steps, cache writes evaluated, the work handed
+    to the GPU every ASYNC_EVAL_EVERY steps); a step = the token's time / chain. `tokens` tokens timed
+    after 4 that trace each kind of step (every fourth completes a ratio-4 block). Compiled and eager;
+    also one step alone (built, evaluated, synchronised) and the earlier form of this measure, 43
+    consecutive tokens through one cache (each step then builds its own token's table and slot)."""
+    say(f"\n== a Flash layer's decode step, {chain} to a token (as in a model step), B=1 ==")
     for layer_id in (4, 3):
         args, block = flash_block(layer_id)
         ratio = args.compress_ratio(layer_id)
         for ctx in contexts:
+            mx.random.seed(ctx + layer_id)
+            caches = [filled_cache(args, layer_id, ctx) for _ in range(chain)]
+            solo = filled_cache(args, layer_id, ctx)
+            x = mx.random.normal((1, 1, args.hc_mult, args.hidden_size)).astype(mx.bfloat16)
+            mx.eval(x)
             parts = []
             for compiled in (True, False):
                 _set_compile(compiled)
-                mx.random.seed(ctx + layer_id)
-                cache = filled_cache(args, layer_id, ctx)
-                x = mx.random.normal((1, 1, args.hc_mult, args.hidden_size)).astype(mx.bfloat16)
-                ids = mx.array([[7]])
-                mx.eval(x)
-                offset = ctx
-
-                def step(block=block):
-                    nonlocal offset
-                    pos = mx.array([offset], mx.int32)
-                    offset += 1
-                    return block(x, ids, pos, cache)
-
-                alone, builds = [], []
-                for i in range(12):
-                    pos = mx.array([offset], mx.int32)
-                    offset += 1
-                    mx.eval(*per_token_arrays(block, cache, pos))
-                    mx.synchronize()
-                    t0 = time.perf_counter()
-                    h = block(x, ids, pos, cache)
-                    builds.append(time.perf_counter() - t0)
-                    mx.eval(h, *_cache_arrays(cache))
-                    mx.synchronize()
-                    alone.append(time.perf_counter() - t0)
-                chained = []
-                for _ in range(3):
-                    mx.synchronize()
-                    t0 = time.perf_counter()
-                    for i in range(chain):
-                        h = step()
-                        if (i + 1) % deepseek_v4.ASYNC_EVAL_EVERY == 0:
-                            mx.async_eval(h)
-                    mx.eval(h, *_cache_arrays(cache))
-                    mx.synchronize()
-                    chained.append((time.perf_counter() - t0) / chain)
-                build = f"{statistics.median(builds[4:]) * 1e6:.0f}"
-                parts.append(f"{'compiled' if compiled else 'eager'}: chained {min(chained) * 1e3:.3f} ms "
-                             f"(runs {', '.join(f'{c * 1e3:.3f}' for c in chained)}), alone "
-                             f"{statistics.median(alone[4:]) * 1e3:.3f} ms, of which building the graph {build} us")
+                per_token = [_token_through(block, x, caches) for _ in range(4 + tokens)][4:]
+                alone, one_cache = _one_cache_steps(block, x, solo, chain)
+                parts.append(f"{'compiled' if compiled else 'eager'}: {_ms(statistics.mean(per_token))} a step "
+                             f"(mean of {tokens} tokens; {_ms(min(per_token))} .. {_ms(max(per_token))}), "
+                             f"alone {_ms(alone)}; one cache, {chain} tokens: {_ms(min(one_cache))} "
+                             f"(runs {', '.join(_ms(t) for t in one_cache)})")
             _set_compile(True)
             say(f"  layer {layer_id} (ratio {ratio}) ctx {ctx // 1024}K:\n     " + "\n     ".join(parts))
+            del caches, solo
         del block
         mx.clear_cache()
+
+
+def _ms(seconds: float) -> str:
+    return f"{seconds * 1e3:.3f} ms"
+
+
+def _token_through(block, x: mx.array, caches: list[LayerCache]) -> float:
+    """One token through `block` once per cache, as a model step goes through its layers: seconds a step."""
+    from dsv4_mlx.model.deepseek_v4 import run_blocks
+
+    ids = mx.array([[7]])
+    mx.synchronize()
+    t0 = time.perf_counter()
+    positions = mx.arange(caches[0].offset, caches[0].offset + 1, dtype=mx.int32)
+    h = run_blocks([block] * len(caches), x, ids, positions, caches)
+    mx.eval(h)
+    mx.synchronize()
+    return (time.perf_counter() - t0) / len(caches)
+
+
+def _one_cache_steps(block, x: mx.array, cache: LayerCache, chain: int) -> tuple[float, list[float]]:
+    """(one step alone: built, evaluated, synchronised (median of 8 after 4), [seconds a step of `chain`
+    consecutive tokens through this one cache, chained as a model step chains its layers, 3 runs])."""
+    ids = mx.array([[7]])
+
+    def step() -> mx.array:
+        return block(x, ids, mx.array([cache.offset], mx.int32), cache)
+
+    alone = []
+    for _ in range(12):
+        mx.synchronize()
+        t0 = time.perf_counter()
+        mx.eval(step(), *_cache_arrays(cache))
+        mx.synchronize()
+        alone.append(time.perf_counter() - t0)
+    chained = []
+    for _ in range(3):
+        mx.synchronize()
+        t0 = time.perf_counter()
+        mx.eval(*chain_steps(step, chain), *_cache_arrays(cache))
+        mx.synchronize()
+        chained.append((time.perf_counter() - t0) / chain)
+    return statistics.median(alone[4:]), chained
+
+
+def chain_steps(step, n: int) -> list[mx.array]:
+    """`n` calls of `step` built back to back, as a model step builds its layers, handed to the GPU every
+    ASYNC_EVAL_EVERY calls; returns the outputs not yet handed over. Every call's output is evaluated:
+    a step whose output nobody evaluates is never computed (only the cache writes it made would be)."""
+    from dsv4_mlx.model.deepseek_v4 import ASYNC_EVAL_EVERY
+
+    pending: list[mx.array] = []
+    for i in range(n):
+        pending.append(step())
+        if (i + 1) % ASYNC_EVAL_EVERY == 0:
+            mx.async_eval(*pending)
+            pending = []
+    return pending
 
 
 def flash_model(layers: int = 43):

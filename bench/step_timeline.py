@@ -52,9 +52,7 @@ def run_chains(ratio: int, ctx: int, chains: int, ncu: bool = False) -> None:
     """Chains as a model step runs them; then chains built whole before one evaluation, which splits
     a step into building its graph (Python) and evaluating it (encoding + the GPU)."""
     import mlx.core as mx
-    from kernels_gpu import _cache_arrays, filled_cache, flash_block
-
-    from dsv4_mlx.model import deepseek_v4
+    from kernels_gpu import _cache_arrays, chain_steps, filled_cache, flash_block
 
     layer_id = 4 if ratio == 4 else 3
     args, block = flash_block(layer_id)
@@ -62,19 +60,17 @@ def run_chains(ratio: int, ctx: int, chains: int, ncu: bool = False) -> None:
     cache = filled_cache(args, layer_id, ctx)
     x = mx.random.normal((1, 1, args.hc_mult, args.hidden_size)).astype(mx.bfloat16)
     ids = mx.array([[7]])
-    offset = ctx
+
+    def step() -> mx.array:
+        return block(x, ids, mx.array([cache.offset], mx.int32), cache)
+
     for c in range(chains):
         mx.synchronize()
         time.sleep(0.02)  # the gap that marks a chain's end in the trace
         if ncu and c == chains - 1:
             _profiler(True)
         t0 = time.perf_counter()
-        for i in range(CHAIN):
-            h = block(x, ids, mx.array([offset], mx.int32), cache)
-            offset += 1
-            if (i + 1) % deepseek_v4.ASYNC_EVAL_EVERY == 0:
-                mx.async_eval(h)
-        mx.eval(h, *_cache_arrays(cache))
+        mx.eval(*chain_steps(step, CHAIN), *_cache_arrays(cache))
         mx.synchronize()
         if ncu and c == chains - 1:
             _profiler(False)
@@ -83,11 +79,8 @@ def run_chains(ratio: int, ctx: int, chains: int, ncu: bool = False) -> None:
         from gpu_clock import gpu_time
 
         def steps(x_after_spin: mx.array, n: int = 8) -> list[mx.array]:
-            nonlocal offset
-            for _ in range(n):
-                h = block(x_after_spin, ids, mx.array([offset], mx.int32), cache)
-                offset += 1
-            return [h, *_cache_arrays(cache)]
+            outs = [block(x_after_spin, ids, mx.array([cache.offset], mx.int32), cache) for _ in range(n)]
+            return [*outs, *_cache_arrays(cache)]
 
         spans = [gpu_time(steps, x) / 8 for _ in range(chains)]
         print(f"GPU alone (8 steps queued behind a spin, GPU clock): {', '.join(f'{s * 1e6:.0f}' for s in spans)} "
@@ -95,11 +88,9 @@ def run_chains(ratio: int, ctx: int, chains: int, ncu: bool = False) -> None:
     for c in range(chains):
         mx.synchronize()
         t0 = time.perf_counter()
-        for _ in range(CHAIN):
-            h = block(x, ids, mx.array([offset], mx.int32), cache)
-            offset += 1
+        outs = [step() for _ in range(CHAIN)]
         t1 = time.perf_counter()
-        mx.eval(h, *_cache_arrays(cache))
+        mx.eval(*outs, *_cache_arrays(cache))
         mx.synchronize()
         t2 = time.perf_counter()
         print(f"chain {c} built whole: building {(t1 - t0) / CHAIN * 1e6:.0f} us a step, then evaluating "
@@ -110,27 +101,22 @@ def chained_steps(ratio: int, ctx: int):
     """A Flash layer with a filled cache, warmed up (kernels checked and compiled, the step traced);
     returns run(seconds) -> steps, which chains steps as a model step does for that long."""
     import mlx.core as mx
-    from kernels_gpu import _cache_arrays, filled_cache, flash_block
-
-    from dsv4_mlx.model import deepseek_v4
+    from kernels_gpu import _cache_arrays, chain_steps, filled_cache, flash_block
 
     layer_id = 4 if ratio == 4 else 3
     args, block = flash_block(layer_id)
     cache = filled_cache(args, layer_id, ctx)
     x = mx.random.normal((1, 1, args.hc_mult, args.hidden_size)).astype(mx.bfloat16)
-    ids, offset = mx.array([[7]]), ctx
+    ids = mx.array([[7]])
+
+    def step() -> mx.array:
+        return block(x, ids, mx.array([cache.offset], mx.int32), cache)
 
     def run(seconds: float) -> int:
-        nonlocal offset
         steps, t0 = 0, time.perf_counter()
         while time.perf_counter() - t0 < seconds:
-            h = block(x, ids, mx.array([offset], mx.int32), cache)
-            offset, steps = offset + 1, steps + 1
-            if steps % deepseek_v4.ASYNC_EVAL_EVERY == 0:
-                mx.async_eval(h)
-            if steps % CHAIN == 0:
-                mx.eval(h, *_cache_arrays(cache))
-        mx.eval(h, *_cache_arrays(cache))
+            mx.eval(*chain_steps(step, CHAIN), *_cache_arrays(cache))
+            steps += CHAIN
         mx.synchronize()
         return steps
 
@@ -198,7 +184,7 @@ def analyze_ncu(path: str) -> None:
     for row in csv.DictReader(lines[start:]):
         if row.get("Metric Name") != "gpu__time_duration.sum":
             continue
-        scale = {"nsecond": 1e-3, "usecond": 1.0, "msecond": 1e3}.get(row["Metric Unit"], 1.0)
+        scale = {"nsecond": 1e-3, "ns": 1e-3, "usecond": 1.0, "us": 1.0, "msecond": 1e3, "ms": 1e3}[row["Metric Unit"]]
         us = float(row["Metric Value"].replace(",", "")) * scale
         per_name[row["Kernel Name"].split("(")[0]] += us
         total += us

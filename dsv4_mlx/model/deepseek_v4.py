@@ -17,7 +17,7 @@ from __future__ import annotations
 import math
 import os
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import mlx.core as mx
 from mlx import nn
@@ -524,6 +524,28 @@ class Block(nn.Module):
         object.__setattr__(self, "_compiled_fns", {})
 
 
+def run_blocks(blocks: Sequence[Block], h: mx.array, ids: mx.array, positions: mx.array,
+               caches: Sequence[LayerCache], layer_outputs: list | None = None) -> mx.array:
+    """h through `blocks`, each with its cache, all at `positions`. A short call (a decode step) also
+    evaluates the cache arrays each block writes (`EVALUATE_CACHE_WRITES`) and, where the GPU kernels
+    run, hands the work to the GPU every `ASYNC_EVAL_EVERY` blocks while Python builds the next ones."""
+    decode = ids.shape[1] <= COMPILED_MAX_TOKENS
+    overlap = decode and ops.kernels_enabled()
+    written: list[mx.array] = []
+    for i, (block, cache) in enumerate(zip(blocks, caches)):
+        h = block(h, ids, positions, cache)
+        if layer_outputs is not None:
+            layer_outputs.append(h)
+        if decode and EVALUATE_CACHE_WRITES:
+            written += [a for a in cache.step_arrays() if a is not None]
+        if overlap and (i + 1) % ASYNC_EVAL_EVERY == 0:
+            mx.async_eval(h, *written)
+            written = []
+    if written:
+        mx.async_eval(h, *written)
+    return h
+
+
 class MTPBlock(Block):
     """Predicts token i+2 from the final hidden streams at i and the embedding of token i+1."""
 
@@ -571,21 +593,7 @@ class Model(nn.Module):
         positions = self._positions(cache[0], inputs.shape[1])
         h = self.embed(inputs) if input_embeddings is None else input_embeddings
         h = mx.broadcast_to(h[..., None, :], (*h.shape[:2], self.args.hc_mult, h.shape[-1]))
-        decode = inputs.shape[1] <= COMPILED_MAX_TOKENS
-        overlap = decode and ops.kernels_enabled()
-        written: list[mx.array] = []
-        for i, (layer, layer_cache) in enumerate(zip(self.layers, cache)):
-            h = layer(h, inputs, positions, layer_cache)
-            if layer_outputs is not None:
-                layer_outputs.append(h)
-            if decode and EVALUATE_CACHE_WRITES:
-                written += [a for a in layer_cache.step_arrays() if a is not None]
-            if overlap and (i + 1) % ASYNC_EVAL_EVERY == 0:
-                mx.async_eval(h, *written)
-                written = []
-        if written:
-            mx.async_eval(h, *written)
-        return h
+        return run_blocks(self.layers, h, inputs, positions, cache, layer_outputs)
 
     def logits(self, hidden: mx.array) -> mx.array:
         return self.head(self.norm(self.hc_head(hidden))).astype(mx.float32)
