@@ -945,11 +945,7 @@ def _token_through(block, x: mx.array, caches: list[LayerCache]) -> float:
 def _one_cache_steps(block, x: mx.array, cache: LayerCache, chain: int) -> tuple[float, list[float]]:
     """(one step alone: built, evaluated, synchronised (median of 8 after 4), [seconds a step of `chain`
     consecutive tokens through this one cache, chained as a model step chains its layers, 3 runs])."""
-    ids = mx.array([[7]])
-
-    def step() -> mx.array:
-        return block(x, ids, mx.array([cache.offset], mx.int32), cache)
-
+    step = next_token_step(block, x, cache)
     alone = []
     for _ in range(12):
         mx.synchronize()
@@ -965,6 +961,12 @@ def _one_cache_steps(block, x: mx.array, cache: LayerCache, chain: int) -> tuple
         mx.synchronize()
         chained.append((time.perf_counter() - t0) / chain)
     return statistics.median(alone[4:]), chained
+
+
+def next_token_step(block, x: mx.array, cache: LayerCache):
+    """A call that runs `block`'s decode step from `x` for the cache's next token (the cache advances)."""
+    ids = mx.array([[7]])
+    return lambda: block(x, ids, mx.array([cache.offset], mx.int32), cache)
 
 
 def chain_steps(step, n: int) -> list[mx.array]:

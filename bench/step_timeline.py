@@ -52,17 +52,20 @@ def run_chains(ratio: int, ctx: int, chains: int, ncu: bool = False) -> None:
     """Chains as a model step runs them; then chains built whole before one evaluation, which splits
     a step into building its graph (Python) and evaluating it (encoding + the GPU)."""
     import mlx.core as mx
-    from kernels_gpu import _cache_arrays, chain_steps, filled_cache, flash_block
+    from kernels_gpu import (
+        _cache_arrays,
+        chain_steps,
+        filled_cache,
+        flash_block,
+        next_token_step,
+    )
 
     layer_id = 4 if ratio == 4 else 3
     args, block = flash_block(layer_id)
     assert args.compress_ratio(layer_id) == ratio
     cache = filled_cache(args, layer_id, ctx)
     x = mx.random.normal((1, 1, args.hc_mult, args.hidden_size)).astype(mx.bfloat16)
-    ids = mx.array([[7]])
-
-    def step() -> mx.array:
-        return block(x, ids, mx.array([cache.offset], mx.int32), cache)
+    step = next_token_step(block, x, cache)
 
     for c in range(chains):
         mx.synchronize()
@@ -79,8 +82,8 @@ def run_chains(ratio: int, ctx: int, chains: int, ncu: bool = False) -> None:
         from gpu_clock import gpu_time
 
         def steps(x_after_spin: mx.array, n: int = 8) -> list[mx.array]:
-            outs = [block(x_after_spin, ids, mx.array([cache.offset], mx.int32), cache) for _ in range(n)]
-            return [*outs, *_cache_arrays(cache)]
+            after_spin = next_token_step(block, x_after_spin, cache)
+            return [*(after_spin() for _ in range(n)), *_cache_arrays(cache)]
 
         spans = [gpu_time(steps, x) / 8 for _ in range(chains)]
         print(f"GPU alone (8 steps queued behind a spin, GPU clock): {', '.join(f'{s * 1e6:.0f}' for s in spans)} "
@@ -101,16 +104,19 @@ def chained_steps(ratio: int, ctx: int):
     """A Flash layer with a filled cache, warmed up (kernels checked and compiled, the step traced);
     returns run(seconds) -> steps, which chains steps as a model step does for that long."""
     import mlx.core as mx
-    from kernels_gpu import _cache_arrays, chain_steps, filled_cache, flash_block
+    from kernels_gpu import (
+        _cache_arrays,
+        chain_steps,
+        filled_cache,
+        flash_block,
+        next_token_step,
+    )
 
     layer_id = 4 if ratio == 4 else 3
     args, block = flash_block(layer_id)
     cache = filled_cache(args, layer_id, ctx)
     x = mx.random.normal((1, 1, args.hc_mult, args.hidden_size)).astype(mx.bfloat16)
-    ids = mx.array([[7]])
-
-    def step() -> mx.array:
-        return block(x, ids, mx.array([cache.offset], mx.int32), cache)
+    step = next_token_step(block, x, cache)
 
     def run(seconds: float) -> int:
         steps, t0 = 0, time.perf_counter()
