@@ -48,24 +48,27 @@ def _profiler(start: bool) -> None:
     raise RuntimeError("libcudart not found: cannot mark the profiled range")
 
 
-def run_chains(ratio: int, ctx: int, chains: int, ncu: bool = False) -> None:
-    """Chains as a model step runs them; then chains built whole before one evaluation, which splits
-    a step into building its graph (Python) and evaluating it (encoding + the GPU)."""
+def _flash_layer(ratio: int, ctx: int):
+    """(block, cache, x, step): a Flash layer of that ratio with a cache filled to `ctx` tokens, an input,
+    and the call that runs its decode step for the cache's next token."""
     import mlx.core as mx
-    from kernels_gpu import (
-        _cache_arrays,
-        chain_steps,
-        filled_cache,
-        flash_block,
-        next_token_step,
-    )
+    from kernels_gpu import filled_cache, flash_block, next_token_step
 
     layer_id = 4 if ratio == 4 else 3
     args, block = flash_block(layer_id)
     assert args.compress_ratio(layer_id) == ratio
     cache = filled_cache(args, layer_id, ctx)
     x = mx.random.normal((1, 1, args.hc_mult, args.hidden_size)).astype(mx.bfloat16)
-    step = next_token_step(block, x, cache)
+    return block, cache, x, next_token_step(block, x, cache)
+
+
+def run_chains(ratio: int, ctx: int, chains: int, ncu: bool = False) -> None:
+    """Chains as a model step runs them; then chains built whole before one evaluation, which splits
+    a step into building its graph (Python) and evaluating it (encoding + the GPU)."""
+    import mlx.core as mx
+    from kernels_gpu import _cache_arrays, chain_steps, next_token_step
+
+    block, cache, x, step = _flash_layer(ratio, ctx)
 
     for c in range(chains):
         mx.synchronize()
@@ -104,19 +107,9 @@ def chained_steps(ratio: int, ctx: int):
     """A Flash layer with a filled cache, warmed up (kernels checked and compiled, the step traced);
     returns run(seconds) -> steps, which chains steps as a model step does for that long."""
     import mlx.core as mx
-    from kernels_gpu import (
-        _cache_arrays,
-        chain_steps,
-        filled_cache,
-        flash_block,
-        next_token_step,
-    )
+    from kernels_gpu import _cache_arrays, chain_steps
 
-    layer_id = 4 if ratio == 4 else 3
-    args, block = flash_block(layer_id)
-    cache = filled_cache(args, layer_id, ctx)
-    x = mx.random.normal((1, 1, args.hc_mult, args.hidden_size)).astype(mx.bfloat16)
-    step = next_token_step(block, x, cache)
+    _, cache, _, step = _flash_layer(ratio, ctx)
 
     def run(seconds: float) -> int:
         steps, t0 = 0, time.perf_counter()
