@@ -890,14 +890,17 @@ def _set_compile(flag: bool) -> None:
     os.environ["DSV4_COMPILE"] = "1" if flag else "0"
 
 
-def time_pipeline(contexts: list[int], chain: int = 43, tokens: int = 8) -> None:
+def time_pipeline(contexts: list[int], chain: int = 43, tokens: int = 8, quick: bool = False) -> None:
     """A layer's decode step as a model step runs it: one token through `chain` steps of the layer, each
     with its own cache as each of a model's 43 layers has, by the model's own loop (`run_blocks`: the
     token's RoPE table and window slot built once for all steps, cache writes evaluated, the work handed
     to the GPU every ASYNC_EVAL_EVERY steps); a step = the token's time / chain. `tokens` tokens timed
     after 4 that trace each kind of step (every fourth completes a ratio-4 block). Compiled and eager;
     also one step alone (built, evaluated, synchronised) and the earlier form of this measure, 43
-    consecutive tokens through one cache (each step then builds its own token's table and slot)."""
+    consecutive tokens through one cache (each step then builds its own token's table and slot).
+    The compiled step's host time is split into building the graph (Python and the compiled call),
+    handing it to the GPU (`mx.async_eval`: MLX encodes the launches) and waiting for the result.
+    `quick`: the compiled token chain and its split only (for comparing MLX settings)."""
     say(f"\n== a Flash layer's decode step, {chain} to a token (as in a model step), B=1 ==")
     for layer_id in (4, 3):
         args, block = flash_block(layer_id)
@@ -909,14 +912,18 @@ def time_pipeline(contexts: list[int], chain: int = 43, tokens: int = 8) -> None
             x = mx.random.normal((1, 1, args.hc_mult, args.hidden_size)).astype(mx.bfloat16)
             mx.eval(x)
             parts = []
-            for compiled in (True, False):
+            for compiled in (True,) if quick else (True, False):
                 _set_compile(compiled)
-                per_token = [_token_through(block, x, caches) for _ in range(4 + tokens)][4:]
-                alone, one_cache = _one_cache_steps(block, x, solo, chain)
-                parts.append(f"{'compiled' if compiled else 'eager'}: {_ms(statistics.mean(per_token))} a step "
-                             f"(mean of {tokens} tokens; {_ms(min(per_token))} .. {_ms(max(per_token))}), "
-                             f"alone {_ms(alone)}; one cache, {chain} tokens: {_ms(min(one_cache))} "
+                split: dict[str, float] = {}
+                per_token = [_token_through(block, x, caches, split if i >= 4 else None) for i in range(4 + tokens)][4:]
+                part = (f"{'compiled' if compiled else 'eager'}: {_ms(statistics.mean(per_token))} a step "
+                        f"(mean of {tokens} tokens; {_ms(min(per_token))} .. {_ms(max(per_token))}); host: "
+                        + ", ".join(f"{k} {v / tokens * 1e6:.0f} us" for k, v in split.items()))
+                if not quick:
+                    alone, one_cache = _one_cache_steps(block, x, solo, chain)
+                    part += (f"; alone {_ms(alone)}; one cache, {chain} tokens: {_ms(min(one_cache))} "
                              f"(runs {', '.join(_ms(t) for t in one_cache)})")
+                parts.append(part)
             _set_compile(True)
             say(f"  layer {layer_id} (ratio {ratio}) ctx {ctx // 1024}K:\n     " + "\n     ".join(parts))
             del caches, solo
@@ -928,18 +935,39 @@ def _ms(seconds: float) -> str:
     return f"{seconds * 1e3:.3f} ms"
 
 
-def _token_through(block, x: mx.array, caches: list[LayerCache]) -> float:
-    """One token through `block` once per cache, as a model step goes through its layers: seconds a step."""
+def _token_through(block, x: mx.array, caches: list[LayerCache], split: dict[str, float] | None = None) -> float:
+    """One token through `block` once per cache, as a model step goes through its layers: seconds a step.
+    `split` accumulates the host's seconds a step: building the graph, handing it to the GPU
+    (mx.async_eval, where MLX encodes the launches), and waiting at the end (encoding the last steps too)."""
     from dsv4_mlx.model.deepseek_v4 import run_blocks
 
     ids = mx.array([[7]])
+    handing = [0.0]
+    async_eval = mx.async_eval
+
+    def timed_async_eval(*arrays):
+        t = time.perf_counter()
+        async_eval(*arrays)
+        handing[0] += time.perf_counter() - t
+
     mx.synchronize()
     t0 = time.perf_counter()
     positions = mx.arange(caches[0].offset, caches[0].offset + 1, dtype=mx.int32)
-    h = run_blocks([block] * len(caches), x, ids, positions, caches)
+    mx.async_eval = timed_async_eval
+    try:
+        h = run_blocks([block] * len(caches), x, ids, positions, caches)
+    finally:
+        mx.async_eval = async_eval
+    t_built = time.perf_counter()
     mx.eval(h)
     mx.synchronize()
-    return (time.perf_counter() - t0) / len(caches)
+    t_end = time.perf_counter()
+    n = len(caches)
+    if split is not None:
+        for key, seconds in (("building", t_built - t0 - handing[0]), ("handing to the GPU", handing[0]),
+                             ("waiting", t_end - t_built)):
+            split[key] = split.get(key, 0.0) + seconds / n
+    return (t_end - t0) / n
 
 
 def _one_cache_steps(block, x: mx.array, cache: LayerCache, chain: int) -> tuple[float, list[float]]:
@@ -1353,6 +1381,8 @@ def main() -> int:
         steps += [time_dispatch_cost]
     if "pipeline" in sections:
         steps += [lambda: time_pipeline(contexts)]
+    if "pipeline-quick" in sections:
+        steps += [lambda: time_pipeline(contexts, quick=True)]
     if "layer" in sections:
         steps += [lambda: time_layers(contexts, out_dir, args.simulate, 8 if args.simulate else args.steps)]
     for step in steps:
