@@ -459,6 +459,11 @@ def check_decode_kernels() -> None:
            reference.swiglu(gate, up, wts, 10.0, bf16), 8e-3)
     report("swiglu shared (no clamp)", kernels.plan_swiglu(gate[:, :, 0, 0], up[:, :, 0, 0], None, 0.0, bf16).run()[0],
            reference.swiglu(gate[:, :, 0, 0], up[:, :, 0, 0], None, 0.0, bf16), 8e-3)
+    stacked = mx.concatenate([gate, up], axis=-1)
+    report("swiglu routed, w1 | w3 stacked", kernels.plan_swiglu(stacked, None, wts.reshape(-1), 10.0, bf16).run()[0],
+           reference.swiglu(gate, up, wts, 10.0, bf16), 8e-3)
+    report("swiglu shared, w1 | w3 stacked", kernels.plan_swiglu(stacked[:, :, 0, 0], None, None, 0.0, bf16).run()[0],
+           reference.swiglu(gate[:, :, 0, 0], up[:, :, 0, 0], None, 0.0, bf16), 8e-3)
 
     cases = [  # (label, dims, ratio, overlap, fp4, batch, start, first, count, dtype, least identical)
         ("emit r4 FP8 entry 1025", 512, 4, True, False, 2, 4092, 1025, 1, bf16, 0.99),

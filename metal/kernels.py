@@ -410,21 +410,26 @@ def plan_moe_route(mix: mx.array, bias: mx.array, k: int, route_scale: float, le
                   output_dtypes=[mx.uint32, mx.float32])
 
 
-def supports_swiglu(gate: mx.array) -> bool:
-    return gate.shape[-1] % 4 == 0 and gate.dtype in (mx.float32, mx.float16, mx.bfloat16)
+def supports_swiglu(gate: mx.array, stacked: bool = False) -> bool:
+    inter = gate.shape[-1] // (2 if stacked else 1)
+    return inter % 4 == 0 and gate.dtype in (mx.float32, mx.float16, mx.bfloat16)
 
 
-def plan_swiglu(gate: mx.array, up: mx.array, weights: mx.array | None, limit: float, dtype: mx.Dtype) -> Launch:
-    """gate / up [..., I] (rows = everything before I; with weights [rows] one routing weight a row)."""
-    inter = gate.shape[-1]
-    rows = gate.size // inter
+def plan_swiglu(gate: mx.array, up: mx.array | None, weights: mx.array | None, limit: float,
+                dtype: mx.Dtype) -> Launch:
+    """gate / up [..., I] (rows = everything before I; with weights [rows] one routing weight a row).
+    up None: gate is [..., 2I], each row's gate then its up (w1 and w3 stacked); the output is [..., I]."""
+    stacked = up is None
+    inter = gate.shape[-1] // (2 if stacked else 1)
+    rows = gate.size // gate.shape[-1]
     groups = -(-(rows * inter // 4) // SWIGLU_THREADS)
     template = [("T", dtype), ("I", inter), ("NT", SWIGLU_THREADS), ("HAS_W", weights is not None),
-                ("CLAMP", limit > 0)]
+                ("CLAMP", limit > 0), ("STACKED", stacked)]
     w = weights.astype(mx.float32) if weights is not None else _placeholder(mx.float32)
-    return Launch("swiglu", [gate, up.astype(gate.dtype), w, _f32(limit), _i32(rows)], template,
+    up = _placeholder(gate.dtype) if stacked else up.astype(gate.dtype)
+    return Launch("swiglu", [gate, up, w, _f32(limit), _i32(rows)], template,
                   grid=(SWIGLU_THREADS * groups, 1, 1), threadgroup=(SWIGLU_THREADS, 1, 1),
-                  output_shapes=[gate.shape], output_dtypes=[dtype])
+                  output_shapes=[(*gate.shape[:-1], inter)], output_dtypes=[dtype])
 
 
 def supports_compressor_emit(dims: int, rope_dims: int, fp4: bool, dtype: mx.Dtype) -> bool:

@@ -1,18 +1,22 @@
 // The experts' activation (contract: reference.swiglu), float32 math, one pass:
 //   out[r, i] = T(silu(min(g, L)) * clip(u, -L, L) * w[r])    (CLAMP false: no min / clip; HAS_W false: no w)
 //   silu(g) = g * sigmoid(g), sigmoid(g) = y or 1 - y for g < 0, y = 1 / (1 + exp(-|g|))  (MLX's form)
-// g = gate[r, i], u = up[r, i], L = params[0]; rows = meta[0].
+// g = gate[r, i], u = up[r, i], L = params[0]; rows = meta[0]. STACKED: gate is [rows, 2I], each row its
+// gate then its up (the output of w1 and w3 stacked into one matmul); `up` is then unused.
 // Launch geometry (threads): grid = (NT * groups, 1, 1), threadgroup = (NT, 1, 1); thread t of the grid
-// handles the 4 consecutive elements 4t .. 4t + 3 of the flattened [rows, I] (I % 4 == 0).
+// handles the 4 consecutive elements 4t .. 4t + 3 of the flattened [rows, I] (I % 4 == 0, so the four
+// share a row).
 
 const int base = (int(threadgroup_position_in_grid.x) * NT + int(thread_index_in_threadgroup)) * 4;
 if (base < meta[0] * I) {
-  const float weight = HAS_W ? w[base / I] : 1.0f;
+  const int row = base / I;
+  const float weight = HAS_W ? w[row] : 1.0f;
   const float limit = params[0];
+  const int g0 = STACKED ? row * 2 * I + (base - row * I) : base;  // where this thread's gates start
   DSV4_UNROLL
   for (int k = 0; k < 4; ++k) {
-    float g = static_cast<float>(gate[base + k]);
-    float u = static_cast<float>(up[base + k]);
+    float g = static_cast<float>(gate[g0 + k]);
+    float u = static_cast<float>(STACKED ? gate[g0 + I + k] : up[base + k]);
     if (CLAMP) {
       g = dsv4_min_f(g, limit);
       u = dsv4_min_f(dsv4_max(u, -limit), limit);

@@ -257,6 +257,8 @@ def _example_launches() -> list[tuple[str, build.Launch]]:
             mx.zeros((128,), bf16), 1e-6, mx.zeros((rd,), mx.float32), True, bf16, positions=mx.zeros((1,), mx.int32))),
         ("swiglu shared no clamp", kernels.plan_swiglu(mx.zeros((B, 1, 2048), bf16), mx.zeros((B, 1, 2048), bf16),
                                                        None, 0.0, bf16)),
+        ("swiglu routed stacked", kernels.plan_swiglu(mx.zeros((B, 1, 6, 1, 4096), bf16), None,
+                                                      mx.zeros((B * 6,), mx.float32), 10.0, bf16)),
     ]
     return out
 

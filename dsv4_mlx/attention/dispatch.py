@@ -338,9 +338,9 @@ def moe_route(x: mx.array, weight: mx.array, bias: mx.array, k: int, route_scale
     return reference.moe_route(x, weight, bias, k, route_scale)
 
 
-def swiglu(gate: mx.array, up: mx.array, weights: mx.array | None, limit: float, dtype: mx.Dtype) -> mx.array:
-    """See `reference.swiglu`."""
-    if _use("swiglu", _kernels.supports_swiglu(gate)):
+def swiglu(gate: mx.array, up: mx.array | None, weights: mx.array | None, limit: float, dtype: mx.Dtype) -> mx.array:
+    """See `reference.swiglu` (up None: gate holds the gate and the up, stacked)."""
+    if _use("swiglu", _kernels.supports_swiglu(gate, stacked=up is None)):
         return _kernels.plan_swiglu(gate, up, weights, limit, dtype).run()[0]  # weights read flat, one a row
     return reference.swiglu(gate, up, weights, limit, dtype)
 
@@ -423,6 +423,9 @@ def _check_swiglu() -> str:
     problems = [_close(got, reference.swiglu(gate, up, w, 10.0, mx.bfloat16), 8e-3)]
     got = _kernels.plan_swiglu(gate[:, 0, 0], up[:, 0, 0], None, 0.0, mx.bfloat16).run()[0]
     problems.append(_close(got, reference.swiglu(gate[:, 0, 0], up[:, 0, 0], None, 0.0, mx.bfloat16), 8e-3))
+    stacked = mx.concatenate([gate, up], axis=-1)
+    got = _kernels.plan_swiglu(stacked, None, w.reshape(-1), 10.0, mx.bfloat16).run()[0]
+    problems.append(_close(got, reference.swiglu(gate, up, w, 10.0, mx.bfloat16), 8e-3))
     return "; ".join(p for p in problems if p)
 
 

@@ -264,11 +264,14 @@ def clamped_swiglu(gate: mx.array, up: mx.array, limit: float) -> mx.array:
     return gate * mx.sigmoid(gate) * up
 
 
-def swiglu(gate: mx.array, up: mx.array, weights: mx.array | None, limit: float, dtype: mx.Dtype) -> mx.array:
+def swiglu(gate: mx.array, up: mx.array | None, weights: mx.array | None, limit: float, dtype: mx.Dtype) -> mx.array:
     """The experts' activation in `dtype`: clamped_swiglu, times the routing weight when given.
 
     gate, up [..., k, 1, I] with weights [..., k] (routed experts) or [..., I] with None (shared expert).
+    up None: gate is [..., 2I], the gate then the up (w1 and w3 stacked into one matmul).
     """
+    if up is None:
+        gate, up = mx.split(gate, 2, axis=-1)
     h = clamped_swiglu(gate, up, limit)
     if weights is not None:
         h = h * weights[..., None, None].astype(mx.float32)

@@ -27,7 +27,7 @@ from ..attention.reference import float32_linear, hc_collapse, hc_mixes
 from ..attention.rope import RopeTable, rope_frequencies, rope_table
 from ..cache import DEFAULT_ROLLBACK, Fp4Arrays, Fp8Arrays, LayerCache
 from .args import ModelArgs
-from .quantized import GatheredLinear, QuantizedLinear
+from .quantized import GatheredLinear, QuantizedLinear, StackedLinear, stackable
 
 MX_GROUP = 32  # MX formats: one e8m0 scale per 32 values
 FP8_WEIGHT_BLOCK = 128  # the checkpoint's FP8 weights: one scale per 128x128 tile
@@ -69,6 +69,30 @@ class RMSNorm(nn.Module):
 
     def __call__(self, x: mx.array) -> mx.array:
         return mx.fast.rms_norm(x, self.weight.astype(x.dtype), self.eps)
+
+
+def stacked(module: nn.Module, groups: dict[str, Sequence[nn.Module]], dtype: mx.Dtype) -> dict:
+    """`module`'s linears that read the same input, each group as one `StackedLinear` (None for a group
+    that cannot be stacked, e.g. projections a conversion quantized differently), built on first use
+    and kept until `drop_stacked`. Built outside compiled traces: `Block.__call__` asks first."""
+    found = module.__dict__.get("_stacked")
+    if found is None:
+        found = {name: StackedLinear(linears, dtype) if stackable(linears) else None
+                 for name, linears in groups.items()}
+        object.__setattr__(module, "_stacked", found)
+    return found
+
+
+def drop_stacked(module: nn.Module) -> None:
+    """Forget `module`'s stacked linears (after its weights changed; the next call stacks them again)."""
+    module.__dict__.pop("_stacked", None)
+
+
+def outputs(stack: StackedLinear | None, linears: Sequence[nn.Module], x: mx.array) -> list[mx.array]:
+    """Each linear's output of x: one matmul when they are stacked."""
+    if stack is None:
+        return [linear(x) for linear in linears]
+    return stack.split(stack.layer(x))
 
 
 class HyperConnection(nn.Module):
@@ -185,9 +209,10 @@ class Indexer(nn.Module):
         self.compressor = Compressor(args, 4, self.dims, freqs, hadamard=True)
         self._freqs = freqs
 
-    def query(self, x: mx.array, qr: mx.array, table: RopeTable) -> tuple[mx.array, mx.array]:
-        """(FP4-rounded query [B,S,heads,dims], head weights [B,S,heads]): pure, before the cache."""
-        q = ops.indexer_query(self.wq_b(qr), table, heads=self.heads)
+    def query(self, x: mx.array, q: mx.array, table: RopeTable) -> tuple[mx.array, mx.array]:
+        """(FP4-rounded query [B,S,heads,dims], head weights [B,S,heads]) from the projected query
+        (`wq_b` of the attention's query latent: the attention projects both at once): pure."""
+        q = ops.indexer_query(q, table, heads=self.heads)
         weights = ops.scaled_projection(x, self.weights_proj.weight, self.dims ** -0.5 * self.heads ** -0.5, q.dtype)
         return q, weights
 
@@ -277,13 +302,27 @@ class Attention(nn.Module):
         if self.ratio == 4:
             self.indexer = Indexer(args, self._freqs)
 
+    def stacks(self, dtype: mx.Dtype) -> dict:
+        """The projections that read the same input: wq_a and wkv (x); wq_b and the indexer's wq_b (the
+        query latent)."""
+        groups = {"x": (self.wq_a, self.wkv)}
+        if self.ratio == 4:
+            groups["latent"] = (self.wq_b, self.indexer.wq_b)
+        return stacked(self, groups, dtype)
+
     def project(self, x: mx.array, table: RopeTable) -> tuple[mx.array, mx.array, tuple]:
         """(q [B,S,H,d] normed and rotated, kv [B,S,d] normed, rotated and FP8-rounded, the indexer's
         (query, weights) or ()): everything before the cache is touched, so pure."""
-        qr = self.q_norm(self.wq_a(x))
-        q = ops.attention_query(self.wq_b(qr), table, self.eps, heads=self.heads)
-        kv = ops.attention_kv(self.wkv(x), table, self.kv_norm.weight, self.kv_norm.eps)
-        return q, kv, (self.indexer.query(x, qr, table) if self.ratio == 4 else ())
+        stacks = self.stacks(x.dtype)
+        qr, kv = outputs(stacks["x"], (self.wq_a, self.wkv), x)
+        qr = self.q_norm(qr)
+        if self.ratio == 4:
+            q, index_q = outputs(stacks["latent"], (self.wq_b, self.indexer.wq_b), qr)
+        else:
+            q = self.wq_b(qr)
+        q = ops.attention_query(q, table, self.eps, heads=self.heads)
+        kv = ops.attention_kv(kv, table, self.kv_norm.weight, self.kv_norm.eps)
+        return q, kv, (self.indexer.query(x, index_q, table) if self.ratio == 4 else ())
 
     def attend(self, x: mx.array, q: mx.array, kv: mx.array, index: tuple, positions: mx.array,
                cache: LayerCache, table: RopeTable) -> mx.array:
@@ -362,8 +401,15 @@ class SharedExpert(nn.Module):
         self.w3 = fp8_linear(args.hidden_size, inter)
         self.limit = args.swiglu_limit
 
+    def stacks(self, dtype: mx.Dtype) -> dict:
+        """w1 and w3 (both read x) as one matmul; the activation reads the stacked output."""
+        return stacked(self, {"w13": (self.w1, self.w3)}, dtype)
+
     def __call__(self, x: mx.array) -> mx.array:
-        return self.w2(ops.swiglu(self.w1(x), self.w3(x), None, self.limit, x.dtype))
+        stack = self.stacks(x.dtype)["w13"]
+        if stack is None:
+            return self.w2(ops.swiglu(self.w1(x), self.w3(x), None, self.limit, x.dtype))
+        return self.w2(ops.swiglu(stack.layer(x), None, None, self.limit, x.dtype))
 
 
 class RoutedExperts(nn.Module):
@@ -383,6 +429,10 @@ class RoutedExperts(nn.Module):
         """x [B,S,D], indices/weights [B,S,k] -> sum_k weights_k * expert_k(x), weight applied before w2."""
         return self.parts(x, indices, weights).sum(axis=-2)
 
+    def stacks(self, dtype: mx.Dtype) -> dict:
+        """Each expert's w1 and w3 as one matrix (one gathered matmul); the activation reads the stack."""
+        return stacked(self, {"w13": (self.w1, self.w3)}, dtype)
+
     def parts(self, x: mx.array, indices: mx.array, weights: mx.array) -> mx.array:
         """The terms of `__call__`'s sum, [B,S,k,D]."""
         # Sorting tokens by expert makes gather_qmm read each expert's weights once (long prefills).
@@ -391,7 +441,10 @@ class RoutedExperts(nn.Module):
         idx, w = indices, weights
         if do_sort:
             xe, idx, w, inverse = _sort_by_expert(xe, indices, weights)
-        if do_sort:
+        stack = self.stacks(x.dtype)["w13"]
+        if stack is not None:  # the gate and the up side by side: the activation reads them so
+            gate, up = stack.layer(xe, idx, sorted_indices=True) if do_sort else gathered_matmul(stack.layer, xe, idx), None
+        elif do_sort:
             gate, up = self.w1(xe, idx, sorted_indices=True), self.w3(xe, idx, sorted_indices=True)
         else:
             gate, up = gathered_matmul(self.w1, xe, idx), gathered_matmul(self.w3, xe, idx)
@@ -464,6 +517,7 @@ class Block(nn.Module):
     def __call__(self, h: mx.array, ids: mx.array, positions: mx.array, cache: LayerCache) -> mx.array:
         """h [B,S,hc,D] -> the block's output streams. One token (decode) runs `step`, compiled where
         `compiled_steps` says so; several (prefill) run eagerly, the cache updated in place."""
+        self.prepare_stacks(h.dtype)
         table = rope_table(positions, self.attn._freqs)  # shared by every layer of this step (same positions)
         if h.shape[1] == 1:
             return self._decode(h, ids, positions, table, cache)
@@ -519,9 +573,21 @@ class Block(nn.Module):
             found = self._compiled_fns.setdefault((what, ops.dispatch_mode()), make())
         return found
 
+    def stacked_modules(self) -> tuple[nn.Module, ...]:
+        """The sub-layers whose linears run stacked (see `stacked`)."""
+        return self.attn, self.ffn.experts, self.ffn.shared_experts
+
+    def prepare_stacks(self, dtype: mx.Dtype) -> None:
+        """Stack the linears that read the same input, before any trace needs them (stacking evaluates)."""
+        for module in self.stacked_modules():
+            module.stacks(dtype)
+
     def reset_compiled(self) -> None:
-        """Forget the compiled steps (they hold the weights they were traced with)."""
+        """Forget the compiled steps (they hold the weights they were traced with) and the stacked linears
+        (built from the weights as they were)."""
         object.__setattr__(self, "_compiled_fns", {})
+        for module in self.stacked_modules():
+            drop_stacked(module)
 
 
 def run_blocks(blocks: Sequence[Block], h: mx.array, ids: mx.array, positions: mx.array,

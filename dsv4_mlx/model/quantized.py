@@ -16,6 +16,9 @@ Dequantizing is exact, so both paths compute the same products; only the summati
 
 from __future__ import annotations
 
+import copy
+from collections.abc import Sequence
+
 import mlx.core as mx
 from mlx import nn
 from mlx_lm.models.switch_layers import QuantizedSwitchLinear
@@ -78,6 +81,71 @@ class GatheredLinear(QuantizedSwitchLinear):
                                 rhs_indices=indices, transpose=True, group_size=self.group_size, bits=self.bits,
                                 mode=self.mode)
         return out + mx.expand_dims(self["bias"][indices], -2) if "bias" in self else out
+
+
+Quantized = QuantizedLinear | GatheredLinear
+QUANTIZED_KEYS = ("weight", "scales", "biases")
+
+
+def stackable(linears: Sequence[Quantized]) -> bool:
+    """Whether `linears` can run as one matmul: one class and format, the same input width, no bias."""
+    first = linears[0]
+    same = all(type(l) is type(first) and (l.group_size, l.bits, l.mode) == (first.group_size, first.bits, first.mode)
+               and l["weight"].shape[:-2] == first["weight"].shape[:-2]
+               and l["weight"].shape[-1] == first["weight"].shape[-1]
+               and [k for k in l if k in QUANTIZED_KEYS] == [k for k in first if k in QUANTIZED_KEYS] for l in linears)
+    return same and not any("bias" in l for l in linears)
+
+
+class StackedLinear:
+    """Quantized linears that read the same input, run as one matmul: their matrices stacked by rows (exact
+    in every format, since each row keeps its own scales), so a decode step launches one kernel where it
+    launched one a projection. `layer` is the stacked linear (the class of the originals), `widths` the
+    originals' output widths in order.
+
+    The stacked arrays are the only copy: the originals' `weight` / `scales` / `biases` become views of
+    them, with their values, shapes and names unchanged. Not a module, so the parameter tree (what is
+    saved and loaded) is as before; whoever holds one drops it when the weights change."""
+
+    def __init__(self, linears: Sequence[Quantized], dtype: mx.Dtype):
+        if not stackable(linears):
+            raise ValueError("these linears differ in class, format or input width: they cannot be stacked")
+        keys = [k for k in QUANTIZED_KEYS if k in linears[0]]
+        self.widths = [l["weight"].shape[-2] for l in linears]
+        stacked = {k: mx.concatenate([l[k] for l in linears], axis=-2) for k in keys}
+        mx.eval(*stacked.values())
+        self.layer = copy.copy(linears[0])  # the originals' class and settings, stacked arrays
+        self.layer.update(stacked)
+        start = 0
+        for linear, width in zip(linears, self.widths):
+            linear.update({k: v[..., start:start + width, :] for k, v in stacked.items()})
+            mx.eval(*(linear[k] for k in keys))
+            start += width
+        self._adapt(linears, dtype)
+
+    def _adapt(self, linears: Sequence[Quantized], dtype: mx.Dtype) -> None:
+        """The dense path where an original takes it, or where the back-end has no kernel for the stacked
+        shape (see `adapt_to_backend`)."""
+        gathered = isinstance(self.layer, GatheredLinear)
+        if gathered:
+            self.layer.dense = any(linear.dense for linear in linears)
+        else:
+            rows = [linear.dense_from_rows for linear in linears if linear.dense_from_rows is not None]
+            self.layer.dense_from_rows = min(rows, default=None)
+        if mx.default_device() == mx.cpu:
+            return
+        if gathered:
+            self.layer.dense = self.layer.dense or not kernel_available(self.layer, dtype, 1)
+        else:
+            one, many = kernel_available(self.layer, dtype, 1), kernel_available(self.layer, dtype, LARGE_ROWS)
+            needed = None if one and many else (1 if not one else 2)
+            self.layer.dense_from_rows = min((r for r in (needed, self.layer.dense_from_rows) if r is not None),
+                                             default=None)
+
+    def split(self, out: mx.array) -> list[mx.array]:
+        """The stacked output [..., sum(widths)] as each original's output."""
+        bounds = [sum(self.widths[:i + 1]) for i in range(len(self.widths) - 1)]
+        return mx.split(out, bounds, axis=-1)
 
 
 def _runs(compute) -> bool:
