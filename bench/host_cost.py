@@ -3,7 +3,8 @@
 A "step" is one compiled function of N nodes; steps are chained as a model step chains its layers
 (built back to back, handed to the GPU every 4, synchronised after 43). The host time of a step over N
 is the cost of one node of that kind: a tiny custom kernel (nothing to compute: launch and encoding
-only), a view (reshape), a small quantized matmul. Run once per MLX setting, e.g.
+only), the same with 7 more one-element inputs (as our kernels' parameter arrays), a view (reshape), a
+small quantized matmul. Run once per MLX setting, e.g.
 
     python3 bench/host_cost.py
     MLX_USE_CUDA_GRAPHS=0 python3 bench/host_cost.py
@@ -23,24 +24,32 @@ _CUDA = "unsigned int i = blockIdx.x * blockDim.x + threadIdx.x; if (i < n) { y[
 _METAL = "uint i = thread_position_in_grid.x; if (i < n) { y[i] = x[i] * 1.0001f; }"
 
 
-def _tiny_kernel():
+EXTRA_INPUTS = 7  # "kernel+inputs": as many one-element constants as our kernels' params / meta / placeholders
+
+
+def _tiny_kernel(extra: int = 0):
     make = mx.fast.cuda_kernel if mx.cuda.is_available() else mx.fast.metal_kernel
-    return make(name="host_cost_scale", input_names=["x"], output_names=["y"],
-                source=_CUDA if mx.cuda.is_available() else _METAL)
+    return make(name=f"host_cost_scale{extra}", input_names=["x"] + [f"c{i}" for i in range(extra)],
+                output_names=["y"], source=_CUDA if mx.cuda.is_available() else _METAL)
 
 
 def _step(kind: str, nodes: int):
-    kernel = _tiny_kernel()
+    kernel, kernel_inputs = _tiny_kernel(), _tiny_kernel(EXTRA_INPUTS)
+    constants = [mx.array([i], mx.int32) for i in range(EXTRA_INPUTS)]
+    mx.eval(*constants)
     w, scales = mx.quantize(mx.random.normal((256, 256)).astype(mx.bfloat16), group_size=32, bits=8, mode="mxfp8")[:2]
 
-    def scale(x):
-        return kernel(inputs=[x], template=[("n", x.size)], grid=(x.size, 1, 1), threadgroup=(256, 1, 1),
-                      output_shapes=[x.shape], output_dtypes=[x.dtype])[0]
+    def scale(x, extra=()):
+        return (kernel_inputs if extra else kernel)(
+            inputs=[x, *extra], template=[("n", x.size)], grid=(x.size, 1, 1), threadgroup=(256, 1, 1),
+            output_shapes=[x.shape], output_dtypes=[x.dtype])[0]
 
     def step(x):
         for _ in range(nodes):
             if kind == "kernel":
                 x = scale(x)
+            elif kind == "kernel+inputs":
+                x = scale(x, constants)
             elif kind == "kernel+view":
                 x = scale(x.reshape(4, -1)).reshape(-1)
             else:
@@ -92,7 +101,7 @@ def main() -> None:
     if args.profile:
         profile_layer(args.profile)
         return
-    for kind in ("kernel", "kernel+view", "qmm"):
+    for kind in ("kernel", "kernel+inputs", "kernel+view", "qmm"):
         for nodes in (10, 40):
             times = per_node(kind, nodes)
             print(f"{kind:12s} x{nodes:3d} a step: {min(times):6.2f} us a node (best of {len(times)}; "
