@@ -683,7 +683,8 @@ FLASH = dict(model_type="deepseek_v4", vocab_size=129280, hidden_size=4096, num_
              rms_norm_eps=1e-6, rope_theta=10000.0, compress_rope_theta=160000.0,
              rope_scaling={"type": "yarn", "factor": 16, "original_max_position_embeddings": 65536,
                            "beta_fast": 32, "beta_slow": 1})
-VIEW_PRIMITIVES = {"Broadcast", "Reshape", "Squeeze", "ExpandDims", "Transpose", "AsStrided", "StopGradient"}
+# Nodes that make views of their input (no launch): Split too (the stacked projections' outputs).
+VIEW_PRIMITIVES = {"Broadcast", "Reshape", "Squeeze", "ExpandDims", "Transpose", "AsStrided", "StopGradient", "Split"}
 
 
 def flash_block(layer_id: int):
@@ -1063,6 +1064,36 @@ def _decode_times(model, cache, token: mx.array, tokens: int) -> tuple[float, fl
     return statistics.median(synced), flushed, (time.perf_counter() - t0) / tokens
 
 
+def count_model_nodes(args, model, cache, token: mx.array, ctx: int) -> None:
+    """Graph nodes of one decoded token (the whole step's graph built before anything is evaluated)."""
+    async_eval = mx.async_eval
+    mx.async_eval = lambda *arrays: None  # the step's whole graph left unevaluated, to count it
+    try:
+        logits = model(token, cache)
+    finally:
+        mx.async_eval = async_eval
+    arrays = [a for c in cache for a in _cache_arrays(c)]
+    total, compute, by = graph_nodes([logits, *arrays], Path(tempfile.mkdtemp()) / "model.dot")
+    mx.eval(logits, *arrays)
+    top = ", ".join(f"{k} {v}" for k, v in sorted(by.items(), key=lambda kv: -kv[1])[:12])
+    say(f"  graph nodes per decoded token (whole model, ctx {ctx // 1024}K): {compute} compute / {total} all "
+        f"= {compute / args.num_hidden_layers:.1f} compute a layer; {top}")
+
+
+def model_nodes(contexts: list[int]) -> None:
+    """Only the node count of `time_model` (with --simulate: the GPU graph's count, on the CPU)."""
+    say("\n== the whole model (43 Flash-sized layers, shared experts): graph nodes per decoded token ==")
+    args, model = flash_model()
+    ctx = contexts[0]
+    mx.random.seed(ctx)
+    cache = [filled_cache(args, i, ctx) for i in range(args.num_hidden_layers)]
+    token = mx.array([[7]])
+    for _ in range(2):  # traces; then a plain step (no ratio-4 block completes: ctx % 4 == 0, 2 steps taken)
+        token = mx.argmax(model(token, cache)[:, -1], axis=-1)[:, None]
+        mx.eval(token)
+    count_model_nodes(args, model, cache, token, ctx)
+
+
 def time_model(contexts: list[int], tokens: int = 24) -> None:
     """The whole model's decode step (43 Flash-sized layers, random weights, shared experts): ms per
     token with the model's default path (kernels, compiled steps) synchronised every token as the engine
@@ -1094,18 +1125,7 @@ def time_model(contexts: list[int], tokens: int = 24) -> None:
                 f"work done; pipelined {piped_ms:.2f} ms/token ({1e3 / piped_ms:.1f} tok/s)")
         deepseek_v4.EVALUATE_CACHE_WRITES = True
         if ctx == contexts[0]:
-            async_eval = mx.async_eval
-            mx.async_eval = lambda *arrays: None  # the step's whole graph left unevaluated, to count it
-            try:
-                logits = model(token, cache)
-            finally:
-                mx.async_eval = async_eval
-            arrays = [a for c in cache for a in _cache_arrays(c)]
-            total, compute, by = graph_nodes([logits, *arrays], Path(tempfile.mkdtemp()) / "model.dot")
-            mx.eval(logits, *arrays)
-            top = ", ".join(f"{k} {v}" for k, v in sorted(by.items(), key=lambda kv: -kv[1])[:12])
-            say(f"  graph nodes per decoded token (whole model, ctx {ctx // 1024}K): {compute} compute / {total} all "
-                f"= {compute / args.num_hidden_layers:.1f} compute a layer; {top}")
+            count_model_nodes(args, model, cache, token, ctx)
         del cache
         mx.clear_cache()
     compare_model(args, model, caches, contexts[0])
@@ -1373,6 +1393,8 @@ def main() -> int:
         steps += [lambda: compare_layer(contexts)]
     if "model" in sections:
         steps += [lambda: time_model(contexts)]
+    if "model-nodes" in sections:
+        steps += [lambda: model_nodes(contexts)]
     if "model-compare" in sections:
         def model_compare():
             args, model = flash_model()

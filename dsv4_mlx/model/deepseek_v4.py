@@ -517,7 +517,8 @@ class Block(nn.Module):
     def __call__(self, h: mx.array, ids: mx.array, positions: mx.array, cache: LayerCache) -> mx.array:
         """h [B,S,hc,D] -> the block's output streams. One token (decode) runs `step`, compiled where
         `compiled_steps` says so; several (prefill) run eagerly, the cache updated in place."""
-        self.prepare_stacks(h.dtype)
+        if self.__dict__.get("_stacked_for", ()) != (h.dtype,):  # a dict lookup: on every layer's path
+            self.prepare_stacks(h.dtype)
         table = rope_table(positions, self.attn._freqs)  # shared by every layer of this step (same positions)
         if h.shape[1] == 1:
             return self._decode(h, ids, positions, table, cache)
@@ -581,11 +582,13 @@ class Block(nn.Module):
         """Stack the linears that read the same input, before any trace needs them (stacking evaluates)."""
         for module in self.stacked_modules():
             module.stacks(dtype)
+        object.__setattr__(self, "_stacked_for", (dtype,))
 
     def reset_compiled(self) -> None:
         """Forget the compiled steps (they hold the weights they were traced with) and the stacked linears
         (built from the weights as they were)."""
         object.__setattr__(self, "_compiled_fns", {})
+        self.__dict__.pop("_stacked_for", None)
         for module in self.stacked_modules():
             drop_stacked(module)
 
