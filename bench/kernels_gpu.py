@@ -21,9 +21,12 @@ Sections:
 - ops: where a ratio-4 layer's decode step goes: graph building vs the rest, and each of its operations
   alone (CPU build time, synced call, 20 calls in flight).
 - pipeline: a layer's decode step 43 times to a token as in a model step (43 caches, the model's loop),
-  compiled and eager; alone; and 43 consecutive tokens through one cache.
+  compiled and eager; alone; and 43 consecutive tokens through one cache; the host's time split.
+- pipeline-quick: only the compiled token chain of `pipeline` and its host split (bench/mlx_cuda_settings.sh).
+- stacking-ab: stacked projections vs one matmul each, tokens interleaved in one process.
 - model: a 43-layer Flash-sized model (random weights, shared experts): ms a token, graph nodes a token,
   and kernels vs reference (as model-compare).
+- model-nodes: only the whole model's graph nodes a decoded token (with --simulate: on the CPU).
 - model-compare: kernels vs reference on that model from identical caches, layer by layer.
 - dispatch: MLX's own cost per graph node on this back-end (eager and compiled chains).
 Everything printed is also written to $OUT/kernels_gpu.log.
@@ -937,6 +940,51 @@ def time_pipeline(contexts: list[int], chain: int = 43, tokens: int = 8, quick: 
         mx.clear_cache()
 
 
+def unstacked(block) -> None:
+    """`block` runs its projections one matmul each (as before `StackedLinear`): for A/B runs."""
+    from dsv4_mlx.model.deepseek_v4 import drop_stacked
+
+    for module in block.stacked_modules():
+        drop_stacked(module)
+        object.__setattr__(module, "_stacked", {name: None for name in ("x", "latent", "w13")})
+    object.__setattr__(block, "_stacked_for", (mx.bfloat16,))
+
+
+def time_stacking_ab(contexts: list[int], chain: int = 43, tokens: int = 16) -> None:
+    """Stacked projections against one matmul each, tokens interleaved in one process (A, B, A, B, ...)
+    so that the host's drift during a run falls on both alike: two Flash layers of each ratio (own
+    weights), each with `chain` caches, as `time_pipeline`. Reports each side's mean and median a step
+    and the median of the paired differences."""
+    say(f"\n== stacked projections vs one matmul each, interleaved tokens ({chain} steps a token, B=1) ==")
+    for layer_id in (4, 3):
+        sides = {}
+        for name in ("stacked", "one matmul each"):
+            args, block = flash_block(layer_id)
+            if name != "stacked":
+                unstacked(block)
+            sides[name] = block
+        ratio = args.compress_ratio(layer_id)
+        for ctx in contexts:
+            mx.random.seed(ctx + layer_id)
+            caches = {name: [filled_cache(args, layer_id, ctx) for _ in range(chain)] for name in sides}
+            x = mx.random.normal((1, 1, args.hc_mult, args.hidden_size)).astype(mx.bfloat16)
+            mx.eval(x)
+            times: dict[str, list[float]] = {name: [] for name in sides}
+            for i in range(4 + tokens):
+                for name, block in sides.items():
+                    t = _token_through(block, x, caches[name])
+                    if i >= 4:
+                        times[name].append(t)
+            diffs = [a - b for a, b in zip(*times.values())]
+            say(f"  layer {layer_id} (ratio {ratio}) ctx {ctx // 1024}K: " + "; ".join(
+                f"{name} {_ms(statistics.mean(t))} mean, {_ms(statistics.median(t))} median"
+                for name, t in times.items()) + f"; paired difference (stacked - one each) median "
+                f"{statistics.median(diffs) * 1e6:+.0f} us, {sum(d < 0 for d in diffs)} of {len(diffs)} tokens faster")
+            del caches
+        del sides
+        mx.clear_cache()
+
+
 def _ms(seconds: float) -> str:
     return f"{seconds * 1e3:.3f} ms"
 
@@ -1264,6 +1312,10 @@ def profile_layer_ops() -> None:
         ("routed w2 gather_qmm mxfp4 (6 x 2048->4096)", lambda: gathered_matmul(ffn.experts.w2, hid, idx)),
         ("shared w1 4096->2048 mxfp8", lambda: ffn.shared_experts.w1(xn)),
         ("shared w2 2048->4096 mxfp8", lambda: ffn.shared_experts.w2(sh)),
+        ("stacked wq_a | wkv 4096->1536 mxfp8", lambda: a.stacks(bf16)["x"].layer(xn)),
+        ("stacked wq_b | indexer wq_b 1024->40960", lambda: a.stacks(bf16)["latent"].layer(qr)),
+        ("stacked routed w1 | w3 (6 x 4096->4096)", lambda: gathered_matmul(ffn.experts.stacks(bf16)["w13"].layer, xe, idx)),
+        ("stacked shared w1 | w3 4096->4096 mxfp8", lambda: ffn.shared_experts.stacks(bf16)["w13"].layer(xn)),
         ("a trivial MLX op (x + 1)", lambda: xn + 1),
     ]
     gpu_clock = mx.cuda.is_available()
@@ -1408,6 +1460,8 @@ def main() -> int:
         steps += [time_dispatch_cost]
     if "pipeline" in sections:
         steps += [lambda: time_pipeline(contexts)]
+    if "stacking-ab" in sections:
+        steps += [lambda: time_stacking_ab(contexts)]
     if "pipeline-quick" in sections:
         steps += [lambda: time_pipeline(contexts, quick=True)]
     if "layer" in sections:

@@ -13,7 +13,12 @@ from mlx.utils import tree_flatten
 
 from dsv4_mlx import load_model
 from dsv4_mlx.attention import reference
-from dsv4_mlx.model.quantized import GatheredLinear, QuantizedLinear, StackedLinear, stackable
+from dsv4_mlx.model.quantized import (
+    GatheredLinear,
+    QuantizedLinear,
+    StackedLinear,
+    stackable,
+)
 
 
 def _linear(out_dims: int, in_dims: int, seed: int, bits: int = 8, mode: str = "mxfp8") -> QuantizedLinear:

@@ -441,15 +441,16 @@ class RoutedExperts(nn.Module):
         idx, w = indices, weights
         if do_sort:
             xe, idx, w, inverse = _sort_by_expert(xe, indices, weights)
+
+        def project(layer: GatheredLinear, rows: mx.array) -> mx.array:
+            return layer(rows, idx, sorted_indices=True) if do_sort else gathered_matmul(layer, rows, idx)
+
         stack = self.stacks(x.dtype)["w13"]
         if stack is not None:  # the gate and the up side by side: the activation reads them so
-            gate, up = stack.layer(xe, idx, sorted_indices=True) if do_sort else gathered_matmul(stack.layer, xe, idx), None
-        elif do_sort:
-            gate, up = self.w1(xe, idx, sorted_indices=True), self.w3(xe, idx, sorted_indices=True)
+            gate, up = project(stack.layer, xe), None
         else:
-            gate, up = gathered_matmul(self.w1, xe, idx), gathered_matmul(self.w3, xe, idx)
-        h = ops.swiglu(gate, up, w, self.limit, x.dtype)
-        out = self.w2(h, idx, sorted_indices=True) if do_sort else gathered_matmul(self.w2, h, idx)
+            gate, up = project(self.w1, xe), project(self.w3, xe)
+        out = project(self.w2, ops.swiglu(gate, up, w, self.limit, x.dtype))
         if do_sort:
             out = out[inverse].reshape(*indices.shape, 1, -1)
         return out.squeeze(-2)

@@ -87,14 +87,18 @@ Quantized = QuantizedLinear | GatheredLinear
 QUANTIZED_KEYS = ("weight", "scales", "biases")
 
 
+def _stacking_signature(linear: Quantized) -> tuple:
+    """What linears stacked by rows must share: class, format, arrays held, and the weight's shape apart
+    from its rows (experts count, packed input width)."""
+    shape = linear["weight"].shape
+    return (type(linear), linear.group_size, linear.bits, linear.mode, tuple(k for k in QUANTIZED_KEYS if k in linear),
+            shape[:-2], shape[-1])
+
+
 def stackable(linears: Sequence[Quantized]) -> bool:
     """Whether `linears` can run as one matmul: one class and format, the same input width, no bias."""
-    first = linears[0]
-    same = all(type(l) is type(first) and (l.group_size, l.bits, l.mode) == (first.group_size, first.bits, first.mode)
-               and l["weight"].shape[:-2] == first["weight"].shape[:-2]
-               and l["weight"].shape[-1] == first["weight"].shape[-1]
-               and [k for k in l if k in QUANTIZED_KEYS] == [k for k in first if k in QUANTIZED_KEYS] for l in linears)
-    return same and not any("bias" in l for l in linears)
+    signatures = {_stacking_signature(linear) for linear in linears}
+    return len(signatures) == 1 and not any("bias" in linear for linear in linears)
 
 
 class StackedLinear:
