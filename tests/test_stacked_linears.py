@@ -120,3 +120,23 @@ def test_changed_weights_are_stacked_again(tiny_path, golden):
     assert rel_l2(to_np(after), to_np(before)) > 1e-2  # the swap matters
     assert rel_l2(to_np(after), to_np(want)) < 1e-6
     assert np.mean(np.argmax(to_np(after), -1) == np.argmax(to_np(want), -1)) == 1.0
+
+
+def test_stacking_gives_the_replaced_buffers_back(tiny_path, golden):
+    """MLX keeps freed buffers for reuse; the ones stacking replaces would never be reused (a stack is
+    bigger than any of them), so the first call must not leave them cached: its cache holds no more
+    than a second call's."""
+    model = load_model(tiny_path, dtype=mx.float32)
+    tokens = golden["tokens"][:, :8]
+    stacked_bytes = 0
+    mx.clear_cache()
+    mx.eval(model(tokens, model.make_cache()))
+    first = mx.get_cache_memory()
+    for block in model.layers:
+        for module in block.stacked_modules():
+            stacked_bytes += sum(v.nbytes for s in module.__dict__["_stacked"].values() if s
+                                 for v in s.layer.values())
+    mx.clear_cache()
+    mx.eval(model(tokens, model.make_cache()))
+    second = mx.get_cache_memory()
+    assert first - second < 0.1 * stacked_bytes, (first, second, stacked_bytes)

@@ -584,6 +584,9 @@ class Block(nn.Module):
         for module in self.stacked_modules():
             module.stacks(dtype)
         object.__setattr__(self, "_stacked_for", (dtype,))
+        # The buffers the stacks replaced: MLX would keep them for reuse, and a stack (w1 and w3 together)
+        # never fits one of them, so memory would grow by every block's stacked weights.
+        mx.clear_cache()
 
     def reset_compiled(self) -> None:
         """Forget the compiled steps (they hold the weights they were traced with) and the stacked linears
