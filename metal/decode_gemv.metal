@@ -9,16 +9,16 @@
 // Launch geometry (threads): threadgroup = (NT = 32 * NW, 1, 1), grid = (NT * GROUPS, 1, 1) with
 // GROUPS = ceil((NA + NB) / RPT), RPT = NW / KSPLIT output columns a threadgroup. SIMD-group w computes
 // column threadgroup * RPT + w / KSPLIT over the K / KSPLIT slice (w % KSPLIT); its lanes read
-// consecutive k (coalesced rows of the weight), 8 loads in flight a lane; the KSPLIT partial sums meet
+// consecutive k (coalesced rows of the weight), UK loads in flight a lane; the KSPLIT partial sums meet
 // in threadgroup memory. With a ring every thread of the grid also copies a strided share of its other slots.
-// Needs K % (256 * KSPLIT) == 0 and NW % KSPLIT == 0.
+// Needs K % (32 * UK * KSPLIT) == 0 and NW % KSPLIT == 0.
 
 constexpr int NT = 32 * NW;
 constexpr int RPT = NW / KSPLIT;
 constexpr int KS = K / KSPLIT;
 constexpr int NCOL = NA + NB;
 constexpr int GROUPS = (NCOL + RPT - 1) / RPT;
-constexpr int UNROLL_K = 8;
+constexpr int UNROLL_K = UK;
 constexpr int NA1 = NA > 0 ? NA : 1;  // divisors of the copy loops (a loop over 0 columns never runs)
 constexpr int NB1 = NB > 0 ? NB : 1;
 constexpr int RING1 = RING > 0 ? RING : 1;  // (divisors: no division by 0 where unused)

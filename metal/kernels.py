@@ -42,6 +42,7 @@ ROPE_ROWS_PER_GROUP = 4  # rows (one SIMD-group each) a threadgroup
 GEMV_WARPS = 8  # SIMD-groups a threadgroup of decode_gemv
 GEMV_MAX_ROWS = 8  # token rows decode_gemv takes (each is an accumulator a lane); more go to MLX's matmul
 GEMV_TARGET_GROUPS = 128  # threadgroups decode_gemv aims for (splitting K when there are few columns)
+GEMV_UNROLL = 8  # weight loads in flight a lane: a SIMD-group reads K 32 * GEMV_UNROLL values at a time
 SWIGLU_THREADS = 256
 
 
@@ -342,7 +343,7 @@ def gemv_split(columns: int, k: int) -> int:
     split = 1
     while split < GEMV_WARPS and -(-columns * split // GEMV_WARPS) < GEMV_TARGET_GROUPS:
         split *= 2
-    while split > 1 and k % (256 * split):
+    while split > 1 and k % (32 * GEMV_UNROLL * split):
         split //= 2
     return split
 
@@ -353,7 +354,7 @@ def supports_gemv(x: mx.array, *weights: mx.array) -> bool:
     if x.shape[-1] != k and (x.ndim < 2 or x.shape[-1] * x.shape[-2] != k):
         return False
     rows = x.size // k if k else 0
-    return (0 < rows <= GEMV_MAX_ROWS and k % 256 == 0 and len({w.dtype for w in weights}) == 1
+    return (0 < rows <= GEMV_MAX_ROWS and k % (32 * GEMV_UNROLL) == 0 and len({w.dtype for w in weights}) == 1
             and all(w.ndim == 2 and w.shape[1] == k for w in weights)
             and weights[0].dtype in (mx.float32, mx.float16, mx.bfloat16))
 
@@ -377,8 +378,8 @@ def plan_decode_gemv(x: mx.array, wa: mx.array, wb: mx.array | None = None, add_
     rpt = GEMV_WARPS // split
     groups = -(-(na + nb) // rpt)
     template = [("T", x.dtype), ("TW", wa.dtype), ("OT", out_dtype), ("K", k), ("NA", na), ("NB", nb), ("M", m),
-                ("NW", GEMV_WARPS), ("KSPLIT", split), ("HAS_ADD", add_b is not None), ("RING", slots),
-                ("RATIO", ratio)]
+                ("NW", GEMV_WARPS), ("KSPLIT", split), ("UK", GEMV_UNROLL), ("HAS_ADD", add_b is not None),
+                ("RING", slots), ("RATIO", ratio)]
     f32 = _placeholder(mx.float32)
     position = positions[:1].astype(mx.int32) if positions is not None else _placeholder(mx.int32)
     inputs = [x, wa, wb if wb is not None else _placeholder(wa.dtype),
