@@ -37,6 +37,7 @@ Everything printed is also written to $OUT/kernels_gpu.log.
 from __future__ import annotations
 
 import argparse
+import collections
 import math
 import os
 import statistics
@@ -941,13 +942,10 @@ def time_pipeline(contexts: list[int], chain: int = 43, tokens: int = 8, quick: 
 
 
 def unstacked(block) -> None:
-    """`block` runs its projections one matmul each (as before `StackedLinear`): for A/B runs."""
-    from dsv4_mlx.model.deepseek_v4 import drop_stacked
-
+    """`block` runs its projections one matmul each (as before `StackedLinear`): for A/B runs. Every
+    group is then found already decided and unstacked (None), whatever the model names it."""
     for module in block.stacked_modules():
-        drop_stacked(module)
-        object.__setattr__(module, "_stacked", {name: None for name in ("x", "latent", "w13")})
-    object.__setattr__(block, "_stacked_for", (mx.bfloat16,))
+        object.__setattr__(module, "_stacked", collections.defaultdict(lambda: None))
 
 
 def time_stacking_ab(contexts: list[int], chain: int = 43, tokens: int = 16) -> None:
