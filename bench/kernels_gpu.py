@@ -24,6 +24,7 @@ Sections:
   compiled and eager; alone; and 43 consecutive tokens through one cache; the host's time split.
 - pipeline-quick: only the compiled token chain of `pipeline` and its host split (bench/mlx_cuda_settings.sh).
 - stacking-ab: stacked projections vs one matmul each, tokens interleaved in one process.
+- source-ab: the kernels' sources compacted (as shipped) vs the files as written, the same way.
 - model: a 43-layer Flash-sized model (random weights, shared experts): ms a token, graph nodes a token,
   and kernels vs reference (as model-compare).
 - model-nodes: only the whole model's graph nodes a decoded token (with --simulate: on the CPU).
@@ -948,19 +949,41 @@ def unstacked(block) -> None:
         object.__setattr__(module, "_stacked", collections.defaultdict(lambda: None))
 
 
-def time_stacking_ab(contexts: list[int], chain: int = 43, tokens: int = 16) -> None:
-    """Stacked projections against one matmul each, tokens interleaved in one process (A, B, A, B, ...)
-    so that the host's drift during a run falls on both alike: two Flash layers of each ratio (own
-    weights), each with `chain` caches, as `time_pipeline`. Reports each side's mean and median a step
-    and the median of the paired differences."""
-    say(f"\n== stacked projections vs one matmul each, interleaved tokens ({chain} steps a token, B=1) ==")
+def time_stacking_ab(contexts: list[int]) -> None:
+    """Stacked projections against one matmul each (`time_interleaved_ab`)."""
+    def sides(layer_id: int) -> tuple:
+        (args, stacked), (_, one_each) = flash_block(layer_id), flash_block(layer_id)
+        unstacked(one_each)
+        return args, {"stacked": (stacked, None), "one matmul each": (one_each, None)}
+
+    time_interleaved_ab("stacked projections vs one matmul each", sides, contexts)
+
+
+def time_source_ab(contexts: list[int]) -> None:
+    """The kernels' sources as MLX gets them (compacted: `build.kernel_source`) against the files as
+    written (DSV4_KERNEL_SOURCE=full), which MLX's CUDA back-end hashes whole at every launch it encodes."""
+    def use(full: bool):
+        return lambda: os.environ.__setitem__("DSV4_KERNEL_SOURCE", "full" if full else "")
+
+    def sides(layer_id: int) -> tuple:
+        (args, compacted), (_, as_written) = flash_block(layer_id), flash_block(layer_id)
+        return args, {"compacted": (compacted, use(False)), "files as written": (as_written, use(True))}
+
+    try:
+        time_interleaved_ab("kernel sources compacted vs as written", sides, contexts)
+    finally:
+        os.environ.pop("DSV4_KERNEL_SOURCE", None)
+
+
+def time_interleaved_ab(title: str, sides_of, contexts: list[int], chain: int = 43, tokens: int = 16) -> None:
+    """Two forms of a Flash layer, tokens interleaved in one process (A, B, A, B, ...) so that the host's
+    drift during a run falls on both alike. `sides_of(layer_id)` -> (model args, {name: (block, set-up or
+    None)}), two blocks with their own weights; the set-up runs before each of its side's tokens (its compiled steps
+    are traced then too). Each side has `chain` caches, as `time_pipeline`. Reports each side's mean and
+    median a step and the median of the paired differences."""
+    say(f"\n== {title}, interleaved tokens ({chain} steps a token, B=1) ==")
     for layer_id in (4, 3):
-        sides = {}
-        for name in ("stacked", "one matmul each"):
-            args, block = flash_block(layer_id)
-            if name != "stacked":
-                unstacked(block)
-            sides[name] = block
+        args, sides = sides_of(layer_id)
         ratio = args.compress_ratio(layer_id)
         for ctx in contexts:
             mx.random.seed(ctx + layer_id)
@@ -969,14 +992,17 @@ def time_stacking_ab(contexts: list[int], chain: int = 43, tokens: int = 16) -> 
             mx.eval(x)
             times: dict[str, list[float]] = {name: [] for name in sides}
             for i in range(4 + tokens):
-                for name, block in sides.items():
+                for name, (block, set_up) in sides.items():
+                    if set_up is not None:
+                        set_up()
                     t = _token_through(block, x, caches[name])
                     if i >= 4:
                         times[name].append(t)
-            diffs = [a - b for a, b in zip(*times.values())]
+            (a, ta), (b, tb) = times.items()
+            diffs = [x - y for x, y in zip(ta, tb)]
             say(f"  layer {layer_id} (ratio {ratio}) ctx {ctx // 1024}K: " + "; ".join(
                 f"{name} {_ms(statistics.mean(t))} mean, {_ms(statistics.median(t))} median"
-                for name, t in times.items()) + f"; paired difference (stacked - one each) median "
+                for name, t in times.items()) + f"; paired difference ({a} - {b}) median "
                 f"{statistics.median(diffs) * 1e6:+.0f} us, {sum(d < 0 for d in diffs)} of {len(diffs)} tokens faster")
             del caches
         del sides
@@ -1460,6 +1486,8 @@ def main() -> int:
         steps += [lambda: time_pipeline(contexts)]
     if "stacking-ab" in sections:
         steps += [lambda: time_stacking_ab(contexts)]
+    if "source-ab" in sections:
+        steps += [lambda: time_source_ab(contexts)]
     if "pipeline-quick" in sections:
         steps += [lambda: time_pipeline(contexts, quick=True)]
     if "layer" in sections:

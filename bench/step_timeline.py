@@ -127,6 +127,7 @@ def run_for(ratio: int, ctx: int, seconds: float) -> None:
     """Chained steps, nothing else, for `seconds` (after a warm-up): what a sampling profiler of the
     host side attaches to."""
     run = chained_steps(ratio, ctx)
+    print("warm: chained steps from now on", flush=True)  # a profiler started by pid attaches here
     t0 = time.perf_counter()
     steps = run(seconds)
     print(f"{steps} steps in {seconds:.0f} s: {(time.perf_counter() - t0) / steps * 1e3:.3f} ms a step")

@@ -138,9 +138,11 @@ def _constants(launch: build.Launch, types: dict) -> str:
     return "\n".join(lines)
 
 
-def metal_translation_unit(launch: build.Launch) -> str:
-    """The kernel as `mx.fast.metal_kernel` would generate it (template arguments as constants)."""
-    interface, body = build.KERNELS[launch.kernel], build.body(launch.kernel)
+def metal_translation_unit(launch: build.Launch, full: bool = False) -> str:
+    """The kernel as `mx.fast.metal_kernel` would generate it (template arguments as constants), from the
+    text MLX gets (`build.kernel_source`; `full`: the files as written)."""
+    interface = build.KERNELS[launch.kernel]
+    header, body = build.kernel_source(launch.kernel, "metal", full)
     params = []
     for name, array in zip(interface.inputs, launch.inputs):
         params.append(f"const device {METAL_TYPES[array.dtype]}* {name}")
@@ -150,13 +152,14 @@ def metal_translation_unit(launch: build.Launch) -> str:
         params.append(f"device {METAL_TYPES[dtype]}* {name}")
     params += [f"{kind} {attr}" for attr, kind in METAL_ATTRIBUTES.items() if _mentions(body, attr)]
     signature = ",\n    ".join(params)
-    return (f"{METAL_STUB}\n{build.header()}\n"
+    return (f"{METAL_STUB}\n{header}\n"
             f"void dsv4_{launch.kernel}(\n    {signature}) {{\n{_constants(launch, METAL_TYPES)}\n{body}\n}}\n")
 
 
-def cuda_translation_unit(launch: build.Launch) -> str:
-    """The kernel as `mx.fast.cuda_kernel` would generate it."""
-    interface, body = build.KERNELS[launch.kernel], build.body(launch.kernel)
+def cuda_translation_unit(launch: build.Launch, full: bool = False) -> str:
+    """The kernel as `mx.fast.cuda_kernel` would generate it (see `metal_translation_unit`)."""
+    interface = build.KERNELS[launch.kernel]
+    header, body = build.kernel_source(launch.kernel, "cuda", full)
     params = []
     for name, array in zip(interface.inputs, launch.inputs):
         params.append(f"const {CUDA_TYPES[array.dtype]}* {name}")
@@ -165,7 +168,7 @@ def cuda_translation_unit(launch: build.Launch) -> str:
     for name, dtype in zip(interface.outputs, launch.output_dtypes):
         params.append(f"{CUDA_TYPES[dtype]}* {name}")
     signature = ",\n    ".join(params)
-    return (f"{CUDA_STUB}\n{build.header()}\nnamespace mlx::core::cu {{\nnamespace cg = cooperative_groups;\n"
+    return (f"{CUDA_STUB}\n{header}\nnamespace mlx::core::cu {{\nnamespace cg = cooperative_groups;\n"
             f"__global__ void dsv4_{launch.kernel}(\n    {signature}) {{\n{_constants(launch, CUDA_TYPES)}\n"
             f"{body}\n}}\n}}\n")
 
@@ -280,9 +283,10 @@ def _errors(source: str, flavour: str) -> list[str]:
 
 @pytest.mark.parametrize("label", [label for label, _ in EXAMPLES])
 @pytest.mark.parametrize("flavour", ["metal", "cuda"])
-def test_kernel_source_compiles(label: str, flavour: str) -> None:
+@pytest.mark.parametrize("full", [False, True], ids=["as MLX gets it", "files as written"])
+def test_kernel_source_compiles(label: str, flavour: str, full: bool) -> None:
     launch = dict(EXAMPLES)[label]
-    unit = metal_translation_unit(launch) if flavour == "metal" else cuda_translation_unit(launch)
+    unit = (metal_translation_unit if flavour == "metal" else cuda_translation_unit)(launch, full)
     errors = _errors(unit, flavour)
     assert not errors, "\n".join(errors)
 
@@ -299,5 +303,56 @@ def test_a_typo_is_caught() -> None:
     launch = dict(EXAMPLES)["hc post"]
     unit = cuda_translation_unit(launch).replace("static_cast<T>(pj * o[k] + mixed)", "static_cast<T>(pj * o[k] + mixd)")
     assert any("mixd" in e for e in _errors(unit, "cuda"))
+    launch = next(launch for _, launch in EXAMPLES
+                  if "dsv4_e8m0" in build.kernel_source(launch.kernel, "metal")[0])
     unit = metal_translation_unit(launch).replace("DSV4_FN float dsv4_e8m0", "DSV4_FN float dsv4_e8m0 oops")
     assert _errors(unit, "metal")
+
+
+# --- the text MLX gets: the back-end's branch, the definitions a body uses, no comments ---------------
+
+def test_backend_branch_keeps_one_side_and_nested_conditionals() -> None:
+    text = "a\n#if defined(__METAL_VERSION__)\nm1\n#if X\nm2\n#endif\n#else\nc1\n#ifdef Y\nc2\n#endif\n#endif\nz\n"
+    assert build.backend_branch(text, "metal").split() == ["a", "m1", "#if", "X", "m2", "#endif", "z"]
+    assert build.backend_branch(text, "cuda").split() == ["a", "c1", "#ifdef", "Y", "c2", "#endif", "z"]
+    with pytest.raises(ValueError, match="unbalanced"):
+        build.backend_branch("#ifdef __METAL_VERSION__\nx\n", "cuda")
+    with pytest.raises(ValueError, match="unbalanced"):
+        build.backend_branch("x\n#endif\n", "cuda")
+
+
+def test_compact_drops_comments_and_keeps_code_and_strings() -> None:
+    text = '  int a = 1;  // one\n\n/* two\n lines */ #define U _Pragma("x // y")\n\tint   b;\n'
+    assert build.compact(text) == 'int a = 1;\n#define U _Pragma("x // y")\nint b;\n'
+
+
+def _tokens(text: str) -> list[str]:
+    return re.findall(r"\w+|[^\w\s]", text)
+
+
+@pytest.mark.parametrize("kernel", sorted(build.KERNELS))
+@pytest.mark.parametrize("flavour", ["metal", "cuda"])
+def test_shipped_body_is_the_file_without_comments(kernel: str, flavour: str) -> None:
+    """Compaction removes comments and layout, nothing else: the body's tokens are the file's."""
+    without_comments = re.sub(r"//[^\n]*|/\*.*?\*/", " ", build.body(kernel), flags=re.DOTALL)
+    assert _tokens(build.kernel_source(kernel, flavour)[1]) == _tokens(without_comments)
+
+
+def test_shipped_header_holds_what_the_body_uses_and_is_smaller() -> None:
+    header = build.kernel_source("swiglu", "cuda")[0]
+    assert "__syncthreads" not in header and "dsv4_e8m0" not in header  # not used by this kernel
+    assert "#define DSV4_FN __device__" in header  # used by the helpers it keeps
+    assert "threadgroup_barrier" not in build.kernel_source("sparse_attention", "cuda")[0]  # Metal's side
+    assert "__syncthreads" not in build.kernel_source("sparse_attention", "metal")[0]  # CUDA's side
+    for kernel in build.KERNELS:
+        for flavour in ("metal", "cuda"):
+            shipped = sum(map(len, build.kernel_source(kernel, flavour)))
+            assert shipped < 0.5 * (len(build.header()) + len(build.body(kernel)))
+
+
+def test_full_sources_are_the_files(monkeypatch) -> None:
+    monkeypatch.setenv("DSV4_KERNEL_SOURCE", "full")
+    assert build.full_sources()
+    assert build.kernel_source("hc_post", "cuda", build.full_sources()) == (build.header(), build.body("hc_post"))
+    monkeypatch.delenv("DSV4_KERNEL_SOURCE")
+    assert not build.full_sources()
