@@ -25,6 +25,7 @@ Sections:
 - pipeline-quick: only the compiled token chain of `pipeline` and its host split (bench/mlx_cuda_settings.sh).
 - stacking-ab: stacked projections vs one matmul each, tokens interleaved in one process.
 - source-ab: the kernels' sources compacted (as shipped) vs the files as written, the same way.
+- window-ab: the window ring written by the window_write kernel vs by two slice updates, the same way.
 - model: a 43-layer Flash-sized model (random weights, shared experts): ms a token, graph nodes a token,
   and kernels vs reference (as model-compare).
 - model-nodes: only the whole model's graph nodes a decoded token (with --simulate: on the CPU).
@@ -510,7 +511,7 @@ def check_decode_kernels() -> None:
             say(f"      {name}: {same * 100:.2f}% identical")
             expect(same >= (least if name != "scales" else 0.9), f"{label} {name}: {same:.3f} identical")
     failures = getattr(dispatch, "kernel_failures", {})
-    for name in ("rope_rows", "decode_gemv", "moe_route", "swiglu", "compressor_emit"):
+    for name in dispatch._SELF_CHECKS:
         ok = dispatch.kernel_ok(name)
         say(f"  self-check {name}: {'passed' if ok else 'FAILED: ' + failures.get(name, '?')}")
         expect(ok, f"self-check {name}")
@@ -973,6 +974,26 @@ def time_source_ab(contexts: list[int]) -> None:
         time_interleaved_ab("kernel sources compacted vs as written", sides, contexts)
     finally:
         os.environ.pop("DSV4_KERNEL_SOURCE", None)
+
+
+def time_window_ab(contexts: list[int]) -> None:
+    """The window_write kernel against the two slice updates it replaced (the kernel marked failed for one
+    side: its blocks then trace the reference's form of the step)."""
+    def use(kernel: bool):
+        return lambda: dispatch._checked.__setitem__("window_write", kernel)
+
+    def sides(layer_id: int) -> tuple:
+        dispatch.kernel_ok("window_write")  # its self-check first: it must pass for the A side to mean anything
+        (args, kernel), (_, updates) = flash_block(layer_id), flash_block(layer_id)
+        return args, {"window_write kernel": (kernel, use(True)), "two slice updates": (updates, use(False))}
+
+    passed = dispatch.kernel_ok("window_write")
+    say(f"  window_write self-check: {'passed' if passed else 'FAILED'}")
+    expect(passed, "window_write self-check")
+    try:
+        time_interleaved_ab("the window's ring written by a kernel vs by two slice updates", sides, contexts)
+    finally:
+        dispatch._checked["window_write"] = passed
 
 
 def time_interleaved_ab(title: str, sides_of, contexts: list[int], chain: int = 43, tokens: int = 16) -> None:
@@ -1488,6 +1509,8 @@ def main() -> int:
         steps += [lambda: time_stacking_ab(contexts)]
     if "source-ab" in sections:
         steps += [lambda: time_source_ab(contexts)]
+    if "window-ab" in sections:
+        steps += [lambda: time_window_ab(contexts)]
     if "pipeline-quick" in sections:
         steps += [lambda: time_pipeline(contexts, quick=True)]
     if "layer" in sections:

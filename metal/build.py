@@ -50,6 +50,7 @@ KERNELS: dict[str, KernelInterface] = {
     "moe_route": KernelInterface(("mix", "bias", "params"), ("ids", "weights")),
     "swiglu": KernelInterface(("gate", "up", "w", "params", "meta"), ("out",)),
     "compressor_emit": KernelInterface(("kv", "gate", "nw", "freqs", "params", "meta"), ("codes", "scales", "rope")),
+    "window_write": KernelInterface(("ring", "ring_pos", "row", "meta"), ("out", "out_pos")),
 }
 
 

@@ -44,6 +44,7 @@ GEMV_MAX_ROWS = 8  # token rows decode_gemv takes (each is an accumulator a lane
 GEMV_TARGET_GROUPS = 128  # threadgroups decode_gemv aims for (splitting K when there are few columns)
 GEMV_UNROLL = 8  # weight loads in flight a lane: a SIMD-group reads K 32 * GEMV_UNROLL values at a time
 SWIGLU_THREADS = 256
+WINDOW_WRITE_THREADS, WINDOW_WRITE_VEC = 256, 8
 
 
 @dataclass(frozen=True)
@@ -431,6 +432,25 @@ def plan_swiglu(gate: mx.array, up: mx.array | None, weights: mx.array | None, l
     return Launch("swiglu", [gate, up, w, _f32(limit), _i32(rows)], template,
                   grid=(SWIGLU_THREADS * groups, 1, 1), threadgroup=(SWIGLU_THREADS, 1, 1),
                   output_shapes=[(*gate.shape[:-1], inter)], output_dtypes=[dtype])
+
+
+def supports_window_write(ring: mx.array, row: mx.array, positions: mx.array) -> bool:
+    b, slots, d = ring.shape
+    return row.shape == (b, 1, d) and d % WINDOW_WRITE_VEC == 0 and positions.size == 1 and b * slots * d < 2 ** 31
+
+
+def plan_window_write(ring: mx.array, ring_positions: mx.array, row: mx.array, positions: mx.array) -> Launch:
+    """The ring [B, W, D] and its positions [W] with slot positions[0] % W holding row [B, 1, D] and its
+    position (see window_write.metal)."""
+    b, slots, d = ring.shape
+    threads = -(-b * slots * d // WINDOW_WRITE_VEC)
+    groups = -(-max(threads, slots) // WINDOW_WRITE_THREADS)
+    template = [("T", ring.dtype), ("B", b), ("SLOTS", slots), ("D", d), ("VEC", WINDOW_WRITE_VEC),
+                ("NT", WINDOW_WRITE_THREADS)]
+    return Launch("window_write", [ring, ring_positions.astype(mx.int32), row.astype(ring.dtype),
+                                   positions.reshape(1).astype(mx.int32)], template,  # (no-ops in a decode step)
+                  grid=(WINDOW_WRITE_THREADS * groups, 1, 1), threadgroup=(WINDOW_WRITE_THREADS, 1, 1),
+                  output_shapes=[ring.shape, ring_positions.shape], output_dtypes=[ring.dtype, mx.int32])
 
 
 def supports_compressor_emit(dims: int, rope_dims: int, fp4: bool, dtype: mx.Dtype) -> bool:

@@ -223,6 +223,8 @@ def _plans():
                             10.0, bf16),
         kernels.plan_compressor_emit(mx.zeros((2, 24, 1024)), mx.zeros((2, 24, 1024)), 8, 1025, 2, 4, True,
                                      mx.ones((512,), bf16), 1e-6, mx.zeros((64,)), False, bf16),
+        kernels.plan_window_write(mx.zeros((2, 128, 512), bf16), mx.zeros((128,), mx.int32),
+                                  mx.zeros((2, 1, 512), bf16), mx.array([300], mx.int32)),
     ]
 
 
@@ -269,6 +271,11 @@ def test_decode_kernel_plans_cover_their_work():
     emit = kernels.plan_compressor_emit(mx.zeros((1, 8, 256)), mx.zeros((1, 8, 256)), 4, 7, 1, 4, True,
                                         mx.ones((128,)), 1e-6, mx.zeros((64,)), True, mx.float32)
     assert emit.output_shapes[:2] == [(1, 1, 64), (1, 1, 4)]
+    window = kernels.plan_window_write(mx.zeros((1, 4, 64)), mx.zeros((4,), mx.int32), mx.zeros((1, 1, 64)),
+                                      mx.array([9], mx.int32))
+    assert window.grid[0] * kernels.WINDOW_WRITE_VEC >= 4 * 64 and window.grid[0] >= 4  # every element and slot
+    assert window.output_shapes == [(1, 4, 64), (4,)]
+    assert not kernels.supports_window_write(mx.zeros((1, 4, 64)), mx.zeros((1, 2, 64)), mx.array([9]))  # 2 rows
     assert not kernels.supports_gemv(mx.zeros((9, 4096)), mx.zeros((8, 4096)))  # more rows than accumulators
     assert not kernels.supports_rope_rows(mx.zeros((1, 1, 100)), 64)
 
@@ -340,6 +347,16 @@ def test_decode_ops_run_their_reference_on_the_cpu():
     ids, weights = dispatch.moe_route(x, weight, mx.zeros((16,)), 4, 1.5)
     want_ids, want_weights = reference.moe_route(x, weight, mx.zeros((16,)), 4, 1.5)
     assert mx.array_equal(ids, want_ids) and mx.array_equal(weights, want_weights)
+
+
+def test_window_write_puts_the_token_in_its_slot():
+    ring, ring_positions = mx.random.normal((2, 4, 8)), mx.array([4, 5, 6, 3], mx.int32)
+    row, positions = mx.random.normal((2, 1, 8)), mx.array([7], mx.int32)
+    got, got_positions = dispatch.window_write(ring, ring_positions, row, positions, positions % 4)
+    want = np.array(ring)
+    want[:, 3] = np.array(row)[:, 0]
+    assert np.array_equal(np.array(got), want)
+    assert got_positions.tolist() == [4, 5, 6, 7]
 
 
 def test_reference_contracts_equal_the_models_earlier_math():

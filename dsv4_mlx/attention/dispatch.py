@@ -239,6 +239,15 @@ def attention_kv(kv: mx.array, table: RopeTable, norm_weight: mx.array, eps: flo
     return reference.attention_kv(kv, table, norm_weight, eps)
 
 
+def window_write(ring: mx.array, ring_positions: mx.array, row: mx.array, positions: mx.array,
+                 slot: mx.array) -> tuple[mx.array, mx.array]:
+    """See `reference.window_write`: one dispatch on the GPU (the kernel finds the slot from the position)."""
+    if _use("window_write", _kernels.supports_window_write(ring, row, positions)):
+        out, out_positions = _kernels.plan_window_write(ring, ring_positions, row, positions).run()
+        return out, out_positions
+    return reference.window_write(ring, ring_positions, row, positions, slot)
+
+
 def indexer_query(q: mx.array, table: RopeTable, heads: int | None = None) -> mx.array:
     """See `reference.indexer_query` (RoPE + Hadamard + FP4 rounding); q as `attention_query` takes it."""
     heads, d = _head_rows(q, heads)
@@ -470,5 +479,17 @@ def _check_compressor_emit() -> str:
     return "; ".join(p for p in problems if p)
 
 
-_SELF_CHECKS = {"compressor_emit": _check_compressor_emit, "rope_rows": _check_rope_rows, "decode_gemv": _check_decode_gemv, "moe_route": _check_moe_route,
-                "swiglu": _check_swiglu}
+def _check_window_write() -> str:
+    problems = []
+    for position, dtype in ((13, mx.bfloat16), (7, mx.float32)):  # slot 5 of 8, the last slot
+        ring, row = _normal((2, 8, 64)).astype(dtype), _normal((2, 1, 64)).astype(dtype)
+        ring_positions, positions = mx.arange(8, dtype=mx.int32) - 3, mx.array([position], mx.int32)
+        got = _kernels.plan_window_write(ring, ring_positions, row, positions).run()
+        want = reference.window_write(ring, ring_positions, row, positions, positions % 8)
+        if not all(mx.array_equal(g, w).item() for g, w in zip(got, want)):
+            problems.append(f"window_write at position {position} ({dtype}) differs from the slice updates")
+    return "; ".join(problems)
+
+
+_SELF_CHECKS = {"compressor_emit": _check_compressor_emit, "rope_rows": _check_rope_rows, "decode_gemv": _check_decode_gemv,
+                "moe_route": _check_moe_route, "swiglu": _check_swiglu, "window_write": _check_window_write}

@@ -280,6 +280,14 @@ def swiglu(gate: mx.array, up: mx.array | None, weights: mx.array | None, limit:
 
 # --- hyper-connections (mHC): the mixes around every sub-layer ------------------------------------------
 
+def window_write(ring: mx.array, ring_positions: mx.array, row: mx.array, positions: mx.array,
+                 slot: mx.array) -> tuple[mx.array, mx.array]:
+    """A decode token's kv row [B, 1, d] into the window ring [B, W, d] at `slot` (positions % W, as an
+    array [1]), and its position into the ring's positions [W]."""
+    return (mx.slice_update(ring, row, slot, axes=(1,)),
+            mx.slice_update(ring_positions, positions.astype(ring_positions.dtype), slot, axes=(0,)))
+
+
 def hc_mixes(x: mx.array, fn: mx.array, eps: float) -> mx.array:
     """x [B,S,hc,D] flattened to hc*D, projected by fn, times the RMS factor (float32)."""
     flat = x.reshape(*x.shape[:-2], -1).astype(mx.float32)

@@ -360,8 +360,7 @@ class Attention(nn.Module):
         p - capacity, which the window (p - window, p] no longer sees. The stores are read whole:
         visibility (entries j < (p + 1) / ratio) comes from the position, never from a count."""
         window_kv, window_positions, *rest = arrays  # the token goes to `slot` (WindowRing.step_slot)
-        window_kv = mx.slice_update(window_kv, kv, slot, axes=(1,))
-        window_positions = mx.slice_update(window_positions, positions, slot, axes=(0,))
+        window_kv, window_positions = ops.window_write(window_kv, window_positions, kv, positions, slot)
         written = [window_kv, window_positions]
         entries = selection = None
         if self.ratio:
