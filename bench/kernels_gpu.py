@@ -1019,8 +1019,8 @@ def time_interleaved_ab(title: str, sides_of, contexts: list[int], chain: int = 
                     t = _token_through(block, x, caches[name])
                     if i >= 4:
                         times[name].append(t)
-            (a, ta), (b, tb) = times.items()
-            diffs = [x - y for x, y in zip(ta, tb)]
+            (a, a_times), (b, b_times) = times.items()
+            diffs = [ta - tb for ta, tb in zip(a_times, b_times)]
             say(f"  layer {layer_id} (ratio {ratio}) ctx {ctx // 1024}K: " + "; ".join(
                 f"{name} {_ms(statistics.mean(t))} mean, {_ms(statistics.median(t))} median"
                 for name, t in times.items()) + f"; paired difference ({a} - {b}) median "
