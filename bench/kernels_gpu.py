@@ -1448,6 +1448,17 @@ def compare_layer(contexts: list[int]) -> None:
     mx.clear_cache()
 
 
+def model_compare(ctx: int) -> None:
+    """The whole model's logits with kernels vs the reference path from identical caches."""
+    args, model = flash_model()
+
+    def caches(ctx: int):
+        mx.random.seed(ctx)  # both modes start from the same cache contents
+        return [filled_cache(args, i, ctx) for i in range(args.num_hidden_layers)]
+
+    compare_model(args, model, caches, ctx)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", default=".")
@@ -1473,48 +1484,26 @@ def main() -> int:
         f"{time.strftime('%Y-%m-%d %H:%M:%S')}, MLX settings: "
         f"{' '.join(f'{k}={v}' for k, v in sorted(os.environ.items()) if k.startswith('MLX_')) or 'defaults'}")
     sections = set(args.sections.split(","))
-    steps = []
-    if "check" in sections:
-        steps += [check_decode_kernels, check_attention, check_indexer, check_topk_distributions, check_hc]
-    if "decode" in sections:
-        steps += [check_decode_kernels]
-    if "time" in sections:
-        steps += [lambda: time_attention(contexts), lambda: time_indexer(contexts), time_hc]
-    if "sweep" in sections:
-        steps += [sweep_attention]
-    if "profile" in sections:
-        steps += [profile_once]
-    if "ops" in sections:
-        steps += [profile_layer_ops]
-    if "compare" in sections:
-        steps += [lambda: compare_layer(contexts)]
-    if "model" in sections:
-        steps += [lambda: time_model(contexts)]
-    if "model-nodes" in sections:
-        steps += [lambda: model_nodes(contexts)]
-    if "model-compare" in sections:
-        def model_compare():
-            args, model = flash_model()
-            def caches(ctx: int):
-                mx.random.seed(ctx)  # both modes start from the same cache contents
-                return [filled_cache(args, i, ctx) for i in range(args.num_hidden_layers)]
-
-            compare_model(args, model, caches, contexts[0])
-        steps += [model_compare]
-    if "dispatch" in sections:
-        steps += [time_dispatch_cost]
-    if "pipeline" in sections:
-        steps += [lambda: time_pipeline(contexts)]
-    if "stacking-ab" in sections:
-        steps += [lambda: time_stacking_ab(contexts)]
-    if "source-ab" in sections:
-        steps += [lambda: time_source_ab(contexts)]
-    if "window-ab" in sections:
-        steps += [lambda: time_window_ab(contexts)]
-    if "pipeline-quick" in sections:
-        steps += [lambda: time_pipeline(contexts, quick=True)]
-    if "layer" in sections:
-        steps += [lambda: time_layers(contexts, out_dir, args.simulate, 8 if args.simulate else args.steps)]
+    table = {  # section -> its steps, in the order they run
+        "check": [check_decode_kernels, check_attention, check_indexer, check_topk_distributions, check_hc],
+        "decode": [check_decode_kernels],
+        "time": [lambda: time_attention(contexts), lambda: time_indexer(contexts), time_hc],
+        "sweep": [sweep_attention],
+        "profile": [profile_once],
+        "ops": [profile_layer_ops],
+        "compare": [lambda: compare_layer(contexts)],
+        "model": [lambda: time_model(contexts)],
+        "model-nodes": [lambda: model_nodes(contexts)],
+        "model-compare": [lambda: model_compare(contexts[0])],
+        "dispatch": [time_dispatch_cost],
+        "pipeline": [lambda: time_pipeline(contexts)],
+        "stacking-ab": [lambda: time_stacking_ab(contexts)],
+        "source-ab": [lambda: time_source_ab(contexts)],
+        "window-ab": [lambda: time_window_ab(contexts)],
+        "pipeline-quick": [lambda: time_pipeline(contexts, quick=True)],
+        "layer": [lambda: time_layers(contexts, out_dir, args.simulate, 8 if args.simulate else args.steps)],
+    }
+    steps = [step for name, section_steps in table.items() if name in sections for step in section_steps]
     for step in steps:
         try:
             step()
