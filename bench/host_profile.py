@@ -2,9 +2,10 @@
 
     python3 bench/host_profile.py --record 20 --out prof.txt   # needs py-spy on PATH (pip install py-spy)
     python3 bench/host_profile.py prof.txt                     # bench/results/h100_host_profile.txt
+    python3 bench/host_profile.py --record 20 --ctx 262144     # the same step at 256K of context
 
-`--record` starts `step_timeline.py --for` (ratio 4 at 4K) and attaches py-spy (native frames, so MLX's
-C++ shows) once the step is warm: what is profiled is chained steps only. The summary lists the frames
+`--record` starts `step_timeline.py --for` (ratio 4 at 4K unless `--ratio` / `--ctx` say otherwise) and
+attaches py-spy (native frames, so MLX's C++ shows) once the step is warm: what is profiled is chained steps only. The summary lists the frames
 holding the most samples (inclusive and self) and, for the frames that matter for a step's host cost
 (MLX's evaluation, a custom kernel's encoding, a command buffer's commit, the Python of a block's call),
 what they spend it on.
@@ -23,12 +24,12 @@ FOCUS = ("mlx::core::gpu::eval", "mlx::core::fast::CustomKernel::eval_gpu", "mlx
          "mlx::core::eval_impl", "Block._decode", "std::_Hash_bytes")
 
 
-def record(seconds: float, out: str) -> None:
+def record(seconds: float, out: str, ratio: int = 4, ctx: int = 4096) -> None:
     here = Path(__file__).resolve().parent
     log = Path(out).with_suffix(".log")
     with open(log, "w") as sink:
         run = subprocess.Popen([sys.executable, str(here / "step_timeline.py"), "--for", str(seconds + 30),
-                                "--ratio", "4", "--ctx", "4096"], stdout=sink, stderr=subprocess.STDOUT)
+                                "--ratio", str(ratio), "--ctx", str(ctx)], stdout=sink, stderr=subprocess.STDOUT)
         while "warm" not in log.read_text():
             if run.poll() is not None:
                 raise SystemExit(f"step_timeline.py ended before its steps were warm: see {log}")
@@ -80,9 +81,11 @@ def main() -> None:
     parser.add_argument("profile", nargs="?", help="a py-spy raw profile to summarize")
     parser.add_argument("--record", type=float, metavar="SECONDS", help="record a profile of chained steps first")
     parser.add_argument("--out", default="host_profile.txt")
+    parser.add_argument("--ratio", type=int, default=4, choices=(4, 128))
+    parser.add_argument("--ctx", type=int, default=4096)
     args = parser.parse_args()
     if args.record:
-        record(args.record, args.out)
+        record(args.record, args.out, args.ratio, args.ctx)
     summarize(args.profile or args.out)
 
 

@@ -470,6 +470,11 @@ def check_decode_kernels() -> None:
            reference.swiglu(gate, up, wts, 10.0, bf16), 8e-3)
     report("swiglu shared, w1 | w3 stacked", kernels.plan_swiglu(stacked[:, :, 0, 0], None, None, 0.0, bf16).run()[0],
            reference.swiglu(gate[:, :, 0, 0], up[:, :, 0, 0], None, 0.0, bf16), 8e-3)
+    shared = (mx.random.normal((1, 1, 4096)) * 6).astype(bf16)
+    both = kernels.plan_swiglu(stacked, None, wts.reshape(-1), 10.0, bf16, second=shared).run()[0]
+    report("swiglu routed + shared, one launch", both,
+           mx.concatenate([reference.swiglu(gate, up, wts, 10.0, bf16).reshape(6, 2048),
+                           reference.swiglu(shared, None, None, 10.0, bf16).reshape(1, 2048)]), 8e-3)
 
     cases = [  # (label, dims, ratio, overlap, fp4, batch, start, first, count, dtype, least identical)
         ("emit r4 FP8 entry 1025", 512, 4, True, False, 2, 4092, 1025, 1, bf16, 0.99),
@@ -902,14 +907,16 @@ def _set_compile(flag: bool) -> None:
     os.environ["DSV4_COMPILE"] = "1" if flag else "0"
 
 
-def time_pipeline(contexts: list[int], chain: int = 43, tokens: int = 8, quick: bool = False) -> None:
+def time_pipeline(contexts: list[int], chain: int = 43, tokens: int = 16, quick: bool = False) -> None:
     """A layer's decode step as a model step runs it: one token through `chain` steps of the layer, each
     with its own cache as each of a model's 43 layers has, by the model's own loop (`run_blocks`: the
     token's RoPE table and window slot built once for all steps, cache writes evaluated, the work handed
     to the GPU every ASYNC_EVAL_EVERY steps); a step = the token's time / chain. `tokens` tokens timed
     after 4 that trace each kind of step (every fourth completes a ratio-4 block). Compiled and eager;
     also one step alone (built, evaluated, synchronised) and the earlier form of this measure, 43
-    consecutive tokens through one cache (each step then builds its own token's table and slot).
+    consecutive tokens through one cache (each step then builds its own token's table and slot; its
+    block-completing steps copy the stores whole, since the steps before still read them on the GPU,
+    which is why the model synchronises a layer's tokens: see docs/kernels.md, eighth pass).
     The compiled step's host time is split into building the graph (Python and the compiled call),
     handing it to the GPU (`mx.async_eval`: MLX encodes the launches) and waiting for the result.
     `quick`: the compiled token chain and its split only (for comparing MLX settings)."""
@@ -929,7 +936,8 @@ def time_pipeline(contexts: list[int], chain: int = 43, tokens: int = 8, quick: 
                 split: dict[str, float] = {}
                 per_token = [_token_through(block, x, caches, split if i >= 4 else None) for i in range(4 + tokens)][4:]
                 part = (f"{'compiled' if compiled else 'eager'}: {_ms(statistics.mean(per_token))} a step "
-                        f"(mean of {tokens} tokens; {_ms(min(per_token))} .. {_ms(max(per_token))}); host: "
+                        f"(mean of {tokens} tokens, median {_ms(statistics.median(per_token))}; "
+                        f"{_ms(min(per_token))} .. {_ms(max(per_token))}); host: "
                         + ", ".join(f"{k} {v / tokens * 1e6:.0f} us" for k, v in split.items()))
                 if not quick:
                     alone, one_cache = _one_cache_steps(block, x, solo, chain)

@@ -48,7 +48,7 @@ KERNELS: dict[str, KernelInterface] = {
     "rope_rows": KernelInterface(("x", "cs", "sn", "nw", "params", "meta"), ("y",)),
     "decode_gemv": KernelInterface(("x", "wa", "wb", "add_b", "buf_a", "buf_b", "meta", "scale"), ("out_a", "out_b")),
     "moe_route": KernelInterface(("mix", "bias", "params"), ("ids", "weights")),
-    "swiglu": KernelInterface(("gate", "up", "w", "params", "meta"), ("out",)),
+    "swiglu": KernelInterface(("gate", "up", "w", "gate2", "params", "meta"), ("out",)),
     "compressor_emit": KernelInterface(("kv", "gate", "nw", "freqs", "params", "meta"), ("codes", "scales", "rope")),
     "window_write": KernelInterface(("ring", "ring_pos", "row", "meta"), ("out", "out_pos")),
 }

@@ -417,21 +417,26 @@ def supports_swiglu(gate: mx.array, stacked: bool = False) -> bool:
     return inter % 4 == 0 and gate.dtype in (mx.float32, mx.float16, mx.bfloat16)
 
 
-def plan_swiglu(gate: mx.array, up: mx.array | None, weights: mx.array | None, limit: float,
-                dtype: mx.Dtype) -> Launch:
+def plan_swiglu(gate: mx.array, up: mx.array | None, weights: mx.array | None, limit: float, dtype: mx.Dtype,
+                second: mx.array | None = None) -> Launch:
     """gate / up [..., I] (rows = everything before I; with weights [rows] one routing weight a row).
-    up None: gate is [..., 2I], each row's gate then its up (w1 and w3 stacked); the output is [..., I]."""
+    up None: gate is [..., 2I], each row's gate then its up (w1 and w3 stacked); the output is [..., I].
+    `second` [..., 2I] (stacked, unweighted: the shared expert beside the routed ones) adds its rows to
+    the same launch: the output is then [rows + its rows, I], the first source's rows first."""
     stacked = up is None
     inter = gate.shape[-1] // (2 if stacked else 1)
     rows = gate.size // gate.shape[-1]
-    groups = -(-(rows * inter // 4) // SWIGLU_THREADS)
+    rows2 = 0 if second is None else second.size // second.shape[-1]
+    groups = -(-((rows + rows2) * inter // 4) // SWIGLU_THREADS)
     template = [("T", dtype), ("I", inter), ("NT", SWIGLU_THREADS), ("HAS_W", weights is not None),
                 ("CLAMP", limit > 0), ("STACKED", stacked)]
     w = weights.astype(mx.float32) if weights is not None else _placeholder(mx.float32)
     up = _placeholder(gate.dtype) if stacked else up.astype(gate.dtype)
-    return Launch("swiglu", [gate, up, w, _f32(limit), _i32(rows)], template,
+    gate2 = _placeholder(gate.dtype) if second is None else second.astype(gate.dtype)
+    shape = (*gate.shape[:-1], inter) if second is None else (rows + rows2, inter)
+    return Launch("swiglu", [gate, up, w, gate2, _f32(limit), _i32(rows, rows2)], template,
                   grid=(SWIGLU_THREADS * groups, 1, 1), threadgroup=(SWIGLU_THREADS, 1, 1),
-                  output_shapes=[(*gate.shape[:-1], inter)], output_dtypes=[dtype])
+                  output_shapes=[shape], output_dtypes=[dtype])
 
 
 def supports_window_write(ring: mx.array, row: mx.array, positions: mx.array) -> bool:

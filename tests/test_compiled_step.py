@@ -9,6 +9,8 @@ computed inside the graph.
 from __future__ import annotations
 
 import mlx.core as mx
+import numpy as np
+import pytest
 
 from dsv4_mlx.model import deepseek_v4
 
@@ -69,3 +71,33 @@ def test_decode_step_leaves_no_cache_work_pending(model_f32, golden, monkeypatch
         mx.synchronize()
         written = [a for layer in cache for a in layer.step_arrays() if a is not None]
         assert _pending_nodes(written, tmp_path / "step.dot") == 0, f"step {t}"
+
+
+def _buffer(a: mx.array) -> int:
+    """Where an evaluated array's bytes are (the CPU's memory is the array's own)."""
+    return np.asarray(a).__array_interface__["data"][0]
+
+
+@pytest.mark.parametrize("compiled", [True, False], ids=["compiled", "eager"])
+def test_a_decode_token_writes_the_stores_in_place(model_f32, monkeypatch, compiled):
+    """A token that completes a block appends one entry to each store. MLX writes it into the store's
+    own buffer only when nothing else holds the store: a reference kept by the cache, a step or a
+    trace would make every block completion copy the whole compressed memory (at 1M tokens of context
+    ~180 MB a ratio-4 layer). The stores' buffers must be the same after every token, as the engine
+    runs tokens (each evaluated before the next)."""
+    monkeypatch.setenv("DSV4_COMPILE", "1" if compiled else "0")
+    cache = model_f32.make_cache()
+    mx.eval(model_f32(mx.array([[5, 6, 7, 8, 9, 10, 11]]), cache), [c.state for c in cache])
+    layer = cache[2]  # ratio 4: an FP8 store and the indexer's FP4 store
+
+    def stores() -> list[mx.array]:
+        return [layer.entries.codes, layer.entries.scales, layer.entries.rope, layer.index_keys.packed,
+                layer.index_keys.scales]
+
+    completed = 0
+    for t in range(9):
+        before = [_buffer(a) for a in stores()]
+        completed += (layer.offset + 1) % 4 == 0
+        mx.eval(model_f32(mx.array([[12 + t]]), cache))
+        assert [_buffer(a) for a in stores()] == before, f"token {t}: a store was copied"
+    assert completed == 3 and layer.entries.count == 4

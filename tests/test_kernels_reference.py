@@ -221,6 +221,8 @@ def _plans():
         kernels.plan_moe_route(mx.zeros((3, 256)), mx.zeros((256,)), 6, 1.5),
         kernels.plan_swiglu(mx.zeros((1, 1, 6, 1, 2048), bf16), mx.zeros((1, 1, 6, 1, 2048), bf16), mx.zeros((6,)),
                             10.0, bf16),
+        kernels.plan_swiglu(mx.zeros((1, 1, 6, 1, 4096), bf16), None, mx.zeros((6,)), 10.0, bf16,
+                            second=mx.zeros((1, 1, 4096), bf16)),
         kernels.plan_compressor_emit(mx.zeros((2, 24, 1024)), mx.zeros((2, 24, 1024)), 8, 1025, 2, 4, True,
                                      mx.ones((512,), bf16), 1e-6, mx.zeros((64,)), False, bf16),
         kernels.plan_window_write(mx.zeros((2, 128, 512), bf16), mx.zeros((128,), mx.int32),
@@ -374,6 +376,31 @@ def test_reference_contracts_equal_the_models_earlier_math():
     want = (h * mx.sigmoid(h) * mx.clip(up, -10.0, 10.0) * mx.array([0.5, 1, 2])[:, None, None]).astype(mx.bfloat16)
     assert mx.array_equal(reference.swiglu(gate_, up, mx.broadcast_to(mx.array([0.5, 1, 2]), (2, 3)), 10.0,
                                            mx.bfloat16), want)
+
+
+def test_one_swiglu_launch_serves_the_routed_and_the_shared_expert(monkeypatch):
+    """The pair's launch writes the routed rows, then the shared rows, into one [rows + rows2, I] output;
+    the dispatcher hands each its own part in its own shape. The launch runs here as its contract: each
+    source's reference rows, in that order."""
+    def contract(plan, gpu=None):
+        gate, _, w, gate2, params, meta = plan.inputs
+        rows, rows2 = (int(v) for v in meta.tolist())
+        inter = gate.shape[-1] // 2
+        first = reference.swiglu(gate.reshape(rows, 1, 2 * inter), None, w.reshape(rows), params.item(), mx.float32)
+        second = reference.swiglu(gate2.reshape(rows2, 2 * inter), None, None, params.item(), mx.float32)
+        assert plan.output_shapes == [(rows + rows2, inter)]
+        return [mx.concatenate([first.reshape(rows, inter), second])]
+
+    monkeypatch.setattr(dispatch, "kernels_enabled", lambda: True)
+    monkeypatch.setattr(dispatch, "kernel_ok", lambda name: True)
+    monkeypatch.setattr(kernels.Launch, "run", contract)
+    gate = mx.random.normal((2, 1, 6, 1, 64), key=mx.random.key(3)) * 20
+    shared = mx.random.normal((2, 1, 64), key=mx.random.key(4)) * 20
+    w = mx.random.uniform(shape=(2, 1, 6), key=mx.random.key(5))
+    routed, shared_out = dispatch.swiglu_pair(gate, w, shared, 10.0, mx.float32)
+    assert routed.shape == (2, 1, 6, 1, 32) and shared_out.shape == (2, 1, 32)
+    assert mx.array_equal(routed, reference.swiglu(gate, None, w, 10.0, mx.float32))
+    assert mx.array_equal(shared_out, reference.swiglu(shared, None, None, 10.0, mx.float32))
 
 
 def test_a_kernel_that_fails_its_self_check_is_not_used(monkeypatch):

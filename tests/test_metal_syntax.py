@@ -262,6 +262,9 @@ def _example_launches() -> list[tuple[str, build.Launch]]:
                                                        None, 0.0, bf16)),
         ("swiglu routed stacked", kernels.plan_swiglu(mx.zeros((B, 1, 6, 1, 4096), bf16), None,
                                                       mx.zeros((B * 6,), mx.float32), 10.0, bf16)),
+        ("swiglu routed + shared", kernels.plan_swiglu(mx.zeros((B, 1, 6, 1, 4096), bf16), None,
+                                                       mx.zeros((B * 6,), mx.float32), 10.0, bf16,
+                                                       second=mx.zeros((B, 1, 4096), bf16))),
         ("window write", kernels.plan_window_write(mx.zeros((B, 128, 512), bf16), mx.zeros((128,), mx.int32),
                                                    mx.zeros((B, 1, 512), bf16), mx.array([300], mx.int32))),
     ]

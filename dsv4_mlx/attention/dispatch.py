@@ -354,6 +354,18 @@ def swiglu(gate: mx.array, up: mx.array | None, weights: mx.array | None, limit:
     return reference.swiglu(gate, up, weights, limit, dtype)
 
 
+def swiglu_pair(gate: mx.array, weights: mx.array, shared: mx.array, limit: float,
+                dtype: mx.Dtype) -> tuple[mx.array, mx.array]:
+    """(`swiglu(gate, None, weights, ...)`, `swiglu(shared, None, None, ...)`): the routed experts' and the
+    shared expert's activations, both from stacked gate | up rows. One dispatch on the GPU."""
+    inter = gate.shape[-1] // 2
+    if shared.shape[-1] == gate.shape[-1] and _use("swiglu", _kernels.supports_swiglu(gate, stacked=True)):
+        out = _kernels.plan_swiglu(gate, None, weights, limit, dtype, second=shared).run()[0]
+        rows = gate.size // gate.shape[-1]
+        return out[:rows].reshape(*gate.shape[:-1], inter), out[rows:].reshape(*shared.shape[:-1], inter)
+    return reference.swiglu(gate, None, weights, limit, dtype), reference.swiglu(shared, None, None, limit, dtype)
+
+
 # --- self-checks (small shapes, the same code paths; bench/kernels_gpu.py checks them at full size) ------
 
 _seed = [0]
@@ -435,6 +447,11 @@ def _check_swiglu() -> str:
     stacked = mx.concatenate([gate, up], axis=-1)
     got = _kernels.plan_swiglu(stacked, None, w.reshape(-1), 10.0, mx.bfloat16).run()[0]
     problems.append(_close(got, reference.swiglu(gate, up, w, 10.0, mx.bfloat16), 8e-3))
+    shared = stacked[:, :1, 0]  # [2, 1, 2I]: the shared expert's rows beside the routed ones
+    got = _kernels.plan_swiglu(stacked, None, w.reshape(-1), 10.0, mx.bfloat16, second=shared).run()[0]
+    want = mx.concatenate([reference.swiglu(stacked, None, w, 10.0, mx.bfloat16).reshape(-1, 256),
+                           reference.swiglu(shared, None, None, 10.0, mx.bfloat16).reshape(-1, 256)])
+    problems.append(_close(got, want, 8e-3))
     return "; ".join(p for p in problems if p)
 
 

@@ -432,8 +432,11 @@ class RoutedExperts(nn.Module):
         """Each expert's w1 and w3 as one matrix (one gathered matmul); the activation reads the stack."""
         return stacked(self, {"w13": (self.w1, self.w3)}, dtype)
 
-    def parts(self, x: mx.array, indices: mx.array, weights: mx.array) -> mx.array:
-        """The terms of `__call__`'s sum, [B,S,k,D]."""
+    def parts(self, x: mx.array, indices: mx.array, weights: mx.array,
+              shared: SharedExpert | None = None) -> mx.array | tuple[mx.array, mx.array]:
+        """The terms of `__call__`'s sum, [B,S,k,D]. With `shared` (the MoE's shared expert): (those
+        terms, the shared expert's output [B,S,D]), the two activations in one dispatch when both
+        projections are stacked."""
         # Sorting tokens by expert makes gather_qmm read each expert's weights once (long prefills).
         do_sort = indices.size >= 64
         xe = mx.expand_dims(x, (-2, -3))  # [B,S,1,1,D]
@@ -445,14 +448,21 @@ class RoutedExperts(nn.Module):
             return layer(rows, idx, sorted_indices=True) if do_sort else gathered_matmul(layer, rows, idx)
 
         stack = self.stacks(x.dtype)["w13"]
-        if stack is not None:  # the gate and the up side by side: the activation reads them so
-            gate, up = project(stack.layer, xe), None
+        shared_stack = shared.stacks(x.dtype)["w13"] if shared is not None else None
+        shared_out = None
+        if stack is not None and shared_stack is not None:  # both activations in one launch
+            h, shared_h = ops.swiglu_pair(project(stack.layer, xe), w, shared_stack.layer(x), self.limit, x.dtype)
+            shared_out = shared.w2(shared_h)
+        elif stack is not None:  # the gate and the up side by side: the activation reads them so
+            h = ops.swiglu(project(stack.layer, xe), None, w, self.limit, x.dtype)
         else:
-            gate, up = project(self.w1, xe), project(self.w3, xe)
-        out = project(self.w2, ops.swiglu(gate, up, w, self.limit, x.dtype))
+            h = ops.swiglu(project(self.w1, xe), project(self.w3, xe), w, self.limit, x.dtype)
+        out = project(self.w2, h)
         if do_sort:
             out = out[inverse].reshape(*indices.shape, 1, -1)
-        return out.squeeze(-2)
+        if shared is None:
+            return out.squeeze(-2)
+        return out.squeeze(-2), shared(x) if shared_out is None else shared_out
 
 
 def _sort_by_expert(x: mx.array, indices: mx.array, weights: mx.array):
@@ -500,7 +510,7 @@ class MoE(nn.Module):
         """(the routed experts' weighted outputs [B,S,k,D], the shared expert's [B,S,D]): `__call__`
         is their sum, which the block leaves to its hc post-mix."""
         indices, weights = self.gate(x, ids)
-        return self.experts.parts(x, indices, weights), self.shared_experts(x)
+        return self.experts.parts(x, indices, weights, self.shared_experts)
 
 
 class Block(nn.Module):
