@@ -5,10 +5,10 @@
     python3 bench/host_profile.py --record 20 --ctx 262144     # the same step at 256K of context
 
 `--record` starts `step_timeline.py --for` (ratio 4 at 4K unless `--ratio` / `--ctx` say otherwise) and
-attaches py-spy (native frames, so MLX's C++ shows) once the step is warm: what is profiled is chained steps only. The summary lists the frames
-holding the most samples (inclusive and self) and, for the frames that matter for a step's host cost
-(MLX's evaluation, a custom kernel's encoding, a command buffer's commit, the Python of a block's call),
-what they spend it on.
+attaches py-spy (native frames, so MLX's C++ shows) once the step is warm: what is profiled is chained
+steps only. The summary lists the frames holding the most samples (inclusive and self) and, for the
+frames that matter for a step's host cost (MLX's evaluation, a custom kernel's encoding, a command
+buffer's commit, the Python of a block's call), what they spend it on.
 """
 
 from __future__ import annotations

@@ -695,7 +695,8 @@ FLASH = dict(model_type="deepseek_v4", vocab_size=129280, hidden_size=4096, num_
              rope_scaling={"type": "yarn", "factor": 16, "original_max_position_embeddings": 65536,
                            "beta_fast": 32, "beta_slow": 1})
 # Nodes that make views of their input (no launch): Split too (the stacked projections' outputs).
-VIEW_PRIMITIVES = {"Broadcast", "Reshape", "Squeeze", "ExpandDims", "Transpose", "AsStrided", "StopGradient", "Split"}
+VIEW_PRIMITIVES = {"Broadcast", "Reshape", "Squeeze", "ExpandDims", "Transpose", "AsStrided", "StopGradient", "Split",
+                   "Slice"}
 
 
 def flash_block(layer_id: int):

@@ -1,7 +1,10 @@
 """Where a Flash layer's compiled decode step spends its time on the GPU (NVIDIA).
 
 The step runs as in a model step: 43 steps built back to back, handed to the GPU every 4, synchronised
-once; chains are separated by idle gaps so a trace can be cut into them afterwards.
+once; chains are separated by idle gaps so a trace can be cut into them afterwards. The 43 steps are
+consecutive tokens through one cache, so a block-completing step finds the steps before it still reading
+the stores on the GPU, and MLX copies the stores whole to write it: at long context the chain's times
+include those copies (~75 us a step at 256K), which the engine's tokens do not (bench/store_write_probe.py).
 
 With Nsight Systems (a timeline: kernel time and the idle gaps between kernels):
 
