@@ -432,11 +432,20 @@ class RoutedExperts(nn.Module):
         """Each expert's w1 and w3 as one matrix (one gathered matmul); the activation reads the stack."""
         return stacked(self, {"w13": (self.w1, self.w3)}, dtype)
 
-    def parts(self, x: mx.array, indices: mx.array, weights: mx.array,
-              shared: SharedExpert | None = None) -> mx.array | tuple[mx.array, mx.array]:
-        """The terms of `__call__`'s sum, [B,S,k,D]. With `shared` (the MoE's shared expert): (those
-        terms, the shared expert's output [B,S,D]), the two activations in one dispatch when both
-        projections are stacked."""
+    def parts(self, x: mx.array, indices: mx.array, weights: mx.array) -> mx.array:
+        """The terms of `__call__`'s sum, [B,S,k,D]."""
+        return self._outputs(x, indices, weights, None)[0]
+
+    def parts_and_shared(self, x: mx.array, indices: mx.array, weights: mx.array,
+                         shared: SharedExpert) -> tuple[mx.array, mx.array]:
+        """(`parts`, the shared expert's output [B,S,D]): the two activations in one dispatch when both
+        experts' w1 and w3 are stacked."""
+        out, shared_out = self._outputs(x, indices, weights, shared)
+        return out, shared(x) if shared_out is None else shared_out
+
+    def _outputs(self, x: mx.array, indices: mx.array, weights: mx.array,
+                 shared: SharedExpert | None) -> tuple[mx.array, mx.array | None]:
+        """(the terms [B,S,k,D], the shared expert's output when its activation ran in the same launch)."""
         # Sorting tokens by expert makes gather_qmm read each expert's weights once (long prefills).
         do_sort = indices.size >= 64
         xe = mx.expand_dims(x, (-2, -3))  # [B,S,1,1,D]
@@ -460,9 +469,7 @@ class RoutedExperts(nn.Module):
         out = project(self.w2, h)
         if do_sort:
             out = out[inverse].reshape(*indices.shape, 1, -1)
-        if shared is None:
-            return out.squeeze(-2)
-        return out.squeeze(-2), shared(x) if shared_out is None else shared_out
+        return out.squeeze(-2), shared_out
 
 
 def _sort_by_expert(x: mx.array, indices: mx.array, weights: mx.array):
@@ -510,7 +517,7 @@ class MoE(nn.Module):
         """(the routed experts' weighted outputs [B,S,k,D], the shared expert's [B,S,D]): `__call__`
         is their sum, which the block leaves to its hc post-mix."""
         indices, weights = self.gate(x, ids)
-        return self.experts.parts(x, indices, weights, self.shared_experts)
+        return self.experts.parts_and_shared(x, indices, weights, self.shared_experts)
 
 
 class Block(nn.Module):
