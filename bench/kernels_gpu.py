@@ -752,6 +752,13 @@ def filled_cache(args, layer_id: int, ctx: int, batch: int = 1) -> LayerCache:
     return cache
 
 
+def token_streams(args) -> mx.array:
+    """A random input for one decode token: the hidden streams [1, 1, hc, D] in bfloat16, evaluated."""
+    x = mx.random.normal((1, 1, args.hc_mult, args.hidden_size)).astype(mx.bfloat16)
+    mx.eval(x)
+    return x
+
+
 def _fill_ring(ring, width: int, batch: int) -> None:
     ring.load([mx.random.normal((batch, ring.capacity, width)), mx.random.normal((batch, ring.capacity, width))])
 
@@ -854,9 +861,8 @@ def time_layers(contexts: list[int], out_dir: Path, simulated: bool = False, ste
                     dispatch._checked.update({name: False for name in NEW_DECODE_KERNELS})
                 mx.random.seed(ctx + layer_id)
                 cache = filled_cache(args, layer_id, ctx)
-                x = mx.random.normal((1, 1, args.hc_mult, args.hidden_size)).astype(mx.bfloat16)
+                x = token_streams(args)
                 ids = mx.array([[7]])
-                mx.eval(x)
                 nodes, times = {}, []
                 for i in range(max(4, steps)):
                     pos = mx.array([ctx + i], mx.int32)
@@ -929,8 +935,7 @@ def time_pipeline(contexts: list[int], chain: int = 43, tokens: int = 16, quick:
             mx.random.seed(ctx + layer_id)
             caches = [filled_cache(args, layer_id, ctx) for _ in range(chain)]
             solo = filled_cache(args, layer_id, ctx)
-            x = mx.random.normal((1, 1, args.hc_mult, args.hidden_size)).astype(mx.bfloat16)
-            mx.eval(x)
+            x = token_streams(args)
             parts = []
             for compiled in (True,) if quick else (True, False):
                 _set_compile(compiled)
@@ -1018,8 +1023,7 @@ def time_interleaved_ab(title: str, sides_of, contexts: list[int], chain: int = 
         for ctx in contexts:
             mx.random.seed(ctx + layer_id)
             caches = {name: [filled_cache(args, layer_id, ctx) for _ in range(chain)] for name in sides}
-            x = mx.random.normal((1, 1, args.hc_mult, args.hidden_size)).astype(mx.bfloat16)
-            mx.eval(x)
+            x = token_streams(args)
             times: dict[str, list[float]] = {name: [] for name in sides}
             for i in range(4 + tokens):
                 for name, (block, set_up) in sides.items():
@@ -1296,9 +1300,8 @@ def profile_layer_ops() -> None:
     args, block = flash_block(4)
     cache = filled_cache(args, 4, 4096)
     bf16 = mx.bfloat16
-    x = mx.random.normal((1, 1, 4, 4096)).astype(bf16)
+    x = token_streams(args)
     ids = mx.array([[7]])
-    mx.eval(x)
     builds, totals = [], []
     for i in range(16):
         pos = mx.array([4096 + i], mx.int32)
@@ -1424,7 +1427,7 @@ def compare_layer(contexts: list[int]) -> None:
                     dispatch._checked.update({name: False for name in NEW_DECODE_KERNELS})
                 mx.random.seed(ctx)
                 cache = filled_cache(args, 4, ctx)
-                x = mx.random.normal((1, 1, args.hc_mult, args.hidden_size)).astype(mx.bfloat16)
+                x = token_streams(args)
                 pos = mx.array([ctx], mx.int32)
 
                 def topk(q, w, keys, positions, ratio, k, mode=mode):

@@ -54,14 +54,13 @@ def _profiler(start: bool) -> None:
 def _flash_layer(ratio: int, ctx: int):
     """(block, cache, x, step): a Flash layer of that ratio with a cache filled to `ctx` tokens, an input,
     and the call that runs its decode step for the cache's next token."""
-    import mlx.core as mx
-    from kernels_gpu import filled_cache, flash_block, next_token_step
+    from kernels_gpu import filled_cache, flash_block, next_token_step, token_streams
 
     layer_id = 4 if ratio == 4 else 3
     args, block = flash_block(layer_id)
     assert args.compress_ratio(layer_id) == ratio
     cache = filled_cache(args, layer_id, ctx)
-    x = mx.random.normal((1, 1, args.hc_mult, args.hidden_size)).astype(mx.bfloat16)
+    x = token_streams(args)
     return block, cache, x, next_token_step(block, x, cache)
 
 

@@ -25,6 +25,7 @@ from kernels_gpu import (
     filled_cache,
     flash_block,
     next_token_step,
+    token_streams,
 )
 
 from dsv4_mlx.model.deepseek_v4 import run_blocks
@@ -33,7 +34,7 @@ from dsv4_mlx.model.deepseek_v4 import run_blocks
 def main(ctx: int) -> None:
     args, block = flash_block(4)
     caches = [filled_cache(args, 4, ctx) for _ in range(2)]
-    x = mx.random.normal((1, 1, args.hc_mult, args.hidden_size)).astype(mx.bfloat16)
+    x = token_streams(args)
     ids = mx.array([[7]])
     arrays = caches[0].step_arrays()
     store = sum(a.nbytes for a in arrays[2:5] + arrays[7:9])
